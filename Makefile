@@ -1,0 +1,55 @@
+# abmll-tune: the commands the README documents.
+# Every target that runs Python uses the project's own virtual environment (.venv),
+# which `make install` creates from pyproject.toml and constraints.txt.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# torchtune's wheel ships its own top-level `recipes` package: the repo root must come
+# first on the path for `tune run recipes/<name>` to find this project's recipes.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+# tiktoken caches even local tokenizer files by path; a stale cache reads old files.
+export TIKTOKEN_CACHE_DIR :=
+
+.PHONY: install test lint format bench demo inspect clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -c "import torchtune.training, abmll_tune.models" 2>/dev/null
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install
+	$(BIN)/python bench/bench_layer.py --out bench_results/layer.json
+
+demo: install
+	@echo "make demo will run ABMLL meta-training on the embedded CPU suite:" >&2
+	@echo "  tune run recipes/abmll_meta_single_device --config configs/tiny_cpu_abmll.yaml" >&2
+	@echo "The meta-training recipe and the embedded data suite are not built yet" >&2
+	@echo "(issues #3 and #4). Until then, check a model and checkpoint with:" >&2
+	@echo "  make inspect" >&2
+	@exit 2
+
+inspect: install
+	$(BIN)/python -m abmll_tune.models.tiny --out outputs/tiny_llama3_hf --overwrite
+	$(BIN)/tune run recipes/inspect_model --config configs/tiny_cpu_inspect.yaml
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs bench_results
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,245 @@
+"""Cost of one ABMLL training step on a Llama3-8B-shaped decoder layer against torchtune's LoRA.
+
+    python bench/bench_layer.py --out bench_results/layer.json      (or: make bench)
+
+One decoder layer (hidden 4096, 32 heads, 8 KV heads, MLP 14336), float32 on the CPU,
+batch 2 x 256 tokens, adapters rank 8 / alpha 16 on q, v and output projections, the
+layer input requiring grad as in the middle of a model. Variants:
+
+* ``lora``            torchtune's ``LoRALinear`` (``lora_llama3``), loss = mean(out^2);
+* ``abmll_full``      ``VariationalLoRALinear`` in ``local_sample`` mode (local
+                      reparameterization) + beta * KL + gamma * prior (chunked float64),
+                      gradients for all four pairs: the costliest step ABMLL takes (the
+                      ``first_order`` outer step);
+* ``abmll_inner``     an inner step: sampling + beta * KL, gradients for the local pairs
+                      only (the prior is constant in the inner loop and is not computed);
+* ``abmll_dense_kl``  ``abmll_full`` with KL and prior built by plain autograd on dense
+                      d_out x d_in tensors (the naive implementation), for comparison.
+
+ABMLL takes K = 5 inner steps and one outer step per task, so the cost per step of
+meta-training is (5 * inner + 1 * full) / 6 (``abmll_cycle`` in the table).
+
+Each repetition runs every variant in a fresh subprocess, alternating, so peak RSS is
+per variant and drift on this shared machine hits all variants alike. Reported: median
+step time, time ratio to LoRA, peak RSS above the process's RSS before the first step,
+and the bytes each variant saves for backward (what a model without activation
+checkpointing keeps per layer), extrapolated to 32 layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPE = dict(
+    vocab_size=16,  # the layer is what is measured; embeddings stay tiny
+    num_layers=1,
+    num_heads=32,
+    num_kv_heads=8,
+    embed_dim=4096,
+    intermediate_dim=14336,
+    max_seq_len=512,
+)
+TARGETS = ["q_proj", "v_proj", "output_proj"]
+BETA, GAMMA = 5e-10, 1e-6
+VARIANTS = ("lora", "abmll_inner", "abmll_full", "abmll_dense_kl")
+INNER_STEPS = 5
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _dense_kl_and_prior(layers) -> torch.Tensor:
+    """The naive version: dense float64 tensors, plain autograd (keeps them all for backward)."""
+    from abmll_tune.modules.gaussian import std_variance
+
+    total = torch.zeros((), dtype=torch.float64)
+    for m in layers:
+        c = m.sigma_floor
+
+        def dense(scope, kind, m=m):
+            a, b = m.pair(scope, kind)
+            return m.scale * b.double() @ a.double()
+
+        mu_q, mu_p = dense("local", "mean"), dense("global", "mean")
+        var_q = std_variance(dense("local", "std"), c, m.std_param)
+        var_p = std_variance(dense("global", "std"), c, m.std_param)
+        kl = (
+            0.5 * torch.log(var_p / var_q) + (var_q + (mu_q - mu_p) ** 2) / (2 * var_p) - 0.5
+        ).sum()
+        v = m.pretrained_weight_variance()
+        prior = (mu_p**2).sum() / (2 * v) + (0.01 / var_p).sum()  # a0 = 1: the Gamma log term is 0
+        total = total + BETA * kl + GAMMA * prior
+    return total
+
+
+def worker(variant: str, steps: int) -> dict:
+    from torchtune.models.llama3 import lora_llama3
+
+    from abmll_tune.models import abmll_llama3
+    from abmll_tune.modules import (
+        kl_local_global,
+        neg_log_prior_global,
+        set_trainable_scope,
+        variational_lora_layers,
+    )
+
+    torch.manual_seed(0)
+    if variant == "lora":
+        model = lora_llama3(TARGETS, lora_rank=8, lora_alpha=16, **SHAPE)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+    else:
+        model = abmll_llama3(TARGETS, lora_rank=8, lora_alpha=16, std_b_init_std=1e-3, **SHAPE)
+    block = model.layers[0]
+    del model.tok_embeddings, model.output
+    if variant == "abmll_inner":
+        set_trainable_scope(block, "local")
+    adapted = list(variational_lora_layers(block).values()) if variant != "lora" else []
+    x = torch.randn(2, 256, SHAPE["embed_dim"], requires_grad=True)
+
+    def step() -> int:
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = block(x)
+            loss = out.pow(2).mean()
+            if variant == "abmll_inner":
+                loss = loss + BETA * kl_local_global(block)
+            elif variant == "abmll_full":
+                loss = loss + BETA * kl_local_global(block) + GAMMA * neg_log_prior_global(block)
+            elif variant == "abmll_dense_kl":
+                loss = loss + _dense_kl_and_prior(adapted)
+        loss.backward()
+        for p in block.parameters():
+            p.grad = None
+        x.grad = None
+        # weights and the input are parameters/leaves held anyway, not activations
+        held = {p.untyped_storage().data_ptr() for p in block.parameters()} | {
+            x.untyped_storage().data_ptr()
+        }
+        return sum(n for ptr, n in saved.items() if ptr not in held)
+
+    baseline = _current_rss_bytes()
+    saved_bytes = step()  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {
+        "variant": variant,
+        "step_seconds": times,
+        "extra_peak_rss_bytes": _peak_rss_bytes() - baseline,
+        "saved_for_backward_bytes": saved_bytes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3, help="alternating repetitions")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per repetition")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/layer.json"))
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps)))
+        return
+
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for rep in range(args.reps):
+        for variant in VARIANTS:
+            cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"worker {variant} failed:\n{proc.stderr[-3000:]}")
+            runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(
+                f"rep {rep + 1}/{args.reps} {variant}: {runs[variant][-1]['step_seconds']}",
+                file=sys.stderr,
+            )
+
+    mib = 2**20
+    summary = {}
+    for variant, results in runs.items():
+        summary[variant] = {
+            "median_step_seconds": statistics.median(t for r in results for t in r["step_seconds"]),
+            "median_extra_peak_rss_mib": statistics.median(
+                r["extra_peak_rss_bytes"] for r in results
+            )
+            / mib,
+            "saved_for_backward_mib": results[0]["saved_for_backward_bytes"] / mib,
+        }
+    inner, full = summary["abmll_inner"], summary["abmll_full"]
+    summary["abmll_cycle"] = {
+        "median_step_seconds": (
+            INNER_STEPS * inner["median_step_seconds"] + full["median_step_seconds"]
+        )
+        / (INNER_STEPS + 1),
+        "median_extra_peak_rss_mib": max(
+            inner["median_extra_peak_rss_mib"], full["median_extra_peak_rss_mib"]
+        ),
+        "saved_for_backward_mib": max(
+            inner["saved_for_backward_mib"], full["saved_for_backward_mib"]
+        ),
+    }
+    lora = summary["lora"]
+    for row in summary.values():
+        row["time_ratio_vs_lora"] = row["median_step_seconds"] / lora["median_step_seconds"]
+        row["extra_peak_vs_lora_mib"] = (
+            row["median_extra_peak_rss_mib"] - lora["median_extra_peak_rss_mib"]
+        )
+        row["extra_saved_vs_lora_mib"] = (
+            row["saved_for_backward_mib"] - lora["saved_for_backward_mib"]
+        )
+        row["extra_saved_32_layers_gib"] = 32 * row["extra_saved_vs_lora_mib"] / 1024
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shape": SHAPE,
+        "batch": [2, 256],
+        "reps": args.reps,
+        "steps": args.steps,
+        "summary": summary,
+        "runs": runs,
+    }
+    from abmll_tune.io import atomic_write_json
+
+    atomic_write_json(args.out, report)
+    print(
+        f"\nLlama3-8B-shaped decoder layer, fp32 CPU, batch 2x256, {args.reps} alternating reps (full results: {args.out})"
+    )
+    header = f"{'variant':<16}{'step s':>8}{'x LoRA':>8}{'peak+ MiB':>11}{'vs LoRA':>9}{'saved MiB':>11}{'vs LoRA':>9}{'x32 GiB':>9}"
+    print(header)
+    for variant, r in summary.items():
+        print(
+            f"{variant:<16}{r['median_step_seconds']:>8.2f}{r['time_ratio_vs_lora']:>8.2f}"
+            f"{r['median_extra_peak_rss_mib']:>11.0f}{r['extra_peak_vs_lora_mib']:>+9.0f}"
+            f"{r['saved_for_backward_mib']:>11.0f}{r['extra_saved_vs_lora_mib']:>+9.1f}"
+            f"{r['extra_saved_32_layers_gib']:>+9.2f}"
+        )
+    print("targets: abmll time ratio <= 1.25; 32 x extra per-layer memory < 0.7 GB")
+
+
+if __name__ == "__main__":
+    main()

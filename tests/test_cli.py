@@ -1,0 +1,86 @@
+"""The documented commands, through the real CLIs (subprocesses, as a user runs them)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TUNE = shutil.which("tune", path=str(Path(sys.executable).parent)) or "tune"
+
+
+def run(cmd, **env):
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "TIKTOKEN_CACHE_DIR": "", **env}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def test_tune_run_inspect_model_from_repo_root(tiny_llama3_checkpoint, tmp_path):
+    out = tmp_path / "inspect"
+    result = run(
+        [
+            TUNE,
+            "run",
+            "recipes/inspect_model",
+            "--config",
+            "configs/tiny_cpu_inspect.yaml",
+            f"checkpointer.checkpoint_dir={tiny_llama3_checkpoint}",
+            f"output_dir={out}",
+            "model.std_param=affine",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "inspect.json").read_text())
+    # 2 blocks x (q 64->64, v 64->32, output 64->64), rank 8, one pair per group
+    per_group = 2 * 8 * ((64 + 64) + (64 + 32) + (64 + 64))
+    assert summary["adapter_groups"] == {
+        f"{s}_{k}": per_group for s in ("global", "local") for k in ("mean", "std")
+    }
+    assert summary["trainable_parameters"] == 4 * per_group
+    assert len(summary["adapted_layers"]) == 6
+    assert summary["kl_local_global"] == 0.0  # local == global right after init
+    assert summary["neg_log_prior_global"] == summary["neg_log_prior_global"]  # finite, not NaN
+    assert "abmll_tune.models.abmll_llama3: 22,528 trainable" in result.stdout
+
+
+def test_tune_run_reports_a_model_that_does_not_fit_the_checkpoint(
+    tiny_llama3_checkpoint, tmp_path
+):
+    result = run(
+        [
+            TUNE,
+            "run",
+            "recipes/inspect_model",
+            "--config",
+            "configs/tiny_cpu_inspect.yaml",
+            f"checkpointer.checkpoint_dir={tiny_llama3_checkpoint}",
+            f"output_dir={tmp_path / 'inspect'}",
+            "model.embed_dim=32",
+        ]
+    )
+    assert result.returncode != 0
+    assert "size mismatch" in result.stderr
+    assert not (tmp_path / "inspect" / "inspect.json").exists()
+
+
+def test_tiny_checkpoint_command_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "tiny"
+    first = run([sys.executable, "-m", "abmll_tune.models.tiny", "--out", str(out)])
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    again = run([sys.executable, "-m", "abmll_tune.models.tiny", "--out", str(out)])
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no temporary directory left behind
+
+
+def test_make_demo_placeholder_fails_loudly():
+    if shutil.which("make") is None:
+        pytest.fail("make is required")
+    result = subprocess.run(
+        ["make", "-s", "demo"], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode != 0
+    assert "not built yet" in result.stderr
