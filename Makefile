@@ -13,7 +13,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 # tiktoken caches even local tokenizer files by path; a stale cache reads old files.
 export TIKTOKEN_CACHE_DIR :=
 
-.PHONY: install test lint format bench demo inspect clean
+.PHONY: install test lint format bench demo inspect data clean
 
 install: $(STAMP)
 
@@ -41,14 +41,18 @@ bench: install
 demo: install
 	@echo "make demo will run ABMLL meta-training on the embedded CPU suite:" >&2
 	@echo "  tune run recipes/abmll_meta_single_device --config configs/tiny_cpu_abmll.yaml" >&2
-	@echo "The meta-training recipe and the embedded data suite are not built yet" >&2
-	@echo "(issues #3 and #4). Until then, check a model and checkpoint with:" >&2
-	@echo "  make inspect" >&2
+	@echo "The meta-training recipe is not built yet (issue #4). Until then:" >&2
+	@echo "  make inspect   # a model and its checkpoint through tune run" >&2
+	@echo "  make data      # the embedded task suite, built" >&2
 	@exit 2
 
 inspect: install
 	$(BIN)/python -m abmll_tune.models.tiny --out outputs/tiny_llama3_hf --overwrite
 	$(BIN)/tune run recipes/inspect_model --config configs/tiny_cpu_inspect.yaml
+
+data: install
+	$(BIN)/python -m abmll_tune.data embedded --out outputs/data/embedded_src
+	$(BIN)/python -m abmll_tune.data build --split embedded --source outputs/data/embedded_src --out outputs/data/embedded
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs bench_results

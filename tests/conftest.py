@@ -25,3 +25,58 @@ def tiny_qwen2_checkpoint(tmp_path_factory):
     from abmll_tune.models.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_qwen2_hf", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def embedded_source(tmp_path_factory):
+    """The embedded suite in MetaICL layout, with its tokenizer files."""
+    from abmll_tune.data.embedded import generate_suite
+
+    out = tmp_path_factory.mktemp("embedded") / "src"
+    generate_suite(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedded_split(embedded_source, tmp_path_factory):
+    """The embedded split built by the data command's function."""
+    from abmll_tune.data.build import BuildOptions, build_split
+
+    out = tmp_path_factory.mktemp("embedded_built") / "embedded"
+    build_split(
+        BuildOptions(split="embedded", source=str(embedded_source), out=str(out)),
+        progress=False,
+        log=lambda *_: None,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizers(embedded_source, tmp_path_factory):
+    """One torchtune tokenizer per family: Llama3 (tiktoken), Qwen2 (BPE), SentencePiece."""
+    import sentencepiece as spm
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    from abmll_tune.data.embedded import llama3_tokenizer, qwen2_tokenizer
+    from abmll_tune.data.prompt import render_demonstrations, render_prompt
+    from abmll_tune.data.records import read_jsonl_examples
+
+    corpus = []
+    for path in sorted(embedded_source.glob("emb-train-0*/*.jsonl")):
+        for e in read_jsonl_examples(path)[:30]:
+            corpus.append(render_demonstrations([e]) + render_prompt(e))
+    prefix = tmp_path_factory.mktemp("spm") / "spm"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_prefix=str(prefix),
+        vocab_size=400,
+        model_type="bpe",
+        split_by_whitespace=True,
+        minloglevel=2,
+    )
+    tok_dir = embedded_source / "tokenizer"
+    return {
+        "llama3": llama3_tokenizer(tok_dir),
+        "qwen2": qwen2_tokenizer(tok_dir),
+        "sentencepiece": llama2_tokenizer(str(prefix) + ".model"),
+    }

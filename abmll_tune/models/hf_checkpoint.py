@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torchtune.models import convert_weights
 from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
+
+from abmll_tune.io import atomic_directory
 
 _ARCHITECTURES = {"LLAMA3": "LlamaForCausalLM", "QWEN2": "Qwen2ForCausalLM"}
 
@@ -78,17 +78,8 @@ def write_hf_checkpoint(
         "tie_word_embeddings": tie_word_embeddings,
         "torch_dtype": str(next(iter(hf_state.values())).dtype).removeprefix("torch."),
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp creates 0700; a checkpoint directory is meant to be shared
-        tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state.items()}
+    with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
