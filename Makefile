@@ -13,7 +13,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 # tiktoken caches even local tokenizer files by path; a stale cache reads old files.
 export TIKTOKEN_CACHE_DIR :=
 
-.PHONY: install test lint format bench demo inspect data clean
+.PHONY: install test lint format bench demo backbone inspect data clean
 
 install: $(STAMP)
 
@@ -38,13 +38,13 @@ format: install
 bench: install
 	$(BIN)/python bench/bench_layer.py --out bench_results/layer.json
 
-demo: install
-	@echo "make demo will run ABMLL meta-training on the embedded CPU suite:" >&2
-	@echo "  tune run recipes/abmll_meta_single_device --config configs/tiny_cpu_abmll.yaml" >&2
-	@echo "The meta-training recipe is not built yet (issue #4). Until then:" >&2
-	@echo "  make inspect   # a model and its checkpoint through tune run" >&2
-	@echo "  make data      # the embedded task suite, built" >&2
-	@exit 2
+demo: data backbone
+	$(BIN)/tune run recipes/abmll_meta_single_device --config configs/tiny_cpu_abmll.yaml
+	@echo "Checkpoint: outputs/tiny_cpu_abmll/checkpoints/latest (PEFT adapter: .../adapter/)"
+	@echo "Logs:       outputs/tiny_cpu_abmll/logs/"
+
+backbone: install
+	$(BIN)/python -m abmll_tune.models.tiny --out outputs/tiny_backbone --vocab-size 768 --max-seq-len 256 --overwrite
 
 inspect: install
 	$(BIN)/python -m abmll_tune.models.tiny --out outputs/tiny_llama3_hf --overwrite

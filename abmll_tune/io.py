@@ -13,6 +13,13 @@ from pathlib import Path
 from typing import Any
 
 
+def _file_mode() -> int:
+    # temporary files are created 0600; give finished outputs the usual umask-based mode
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (same-directory temp file + ``os.replace``)."""
     path = Path(path)
@@ -23,6 +30,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -50,6 +58,10 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterat
     try:
         tmp.chmod(0o755)  # mkdtemp makes 0700; outputs are meant to be shared
         yield tmp
+        mode = _file_mode()
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                file.chmod(mode)
         if path.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, trash / "old")

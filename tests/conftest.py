@@ -80,3 +80,17 @@ def tokenizers(embedded_source, tmp_path_factory):
         "qwen2": qwen2_tokenizer(tok_dir),
         "sentencepiece": llama2_tokenizer(str(prefix) + ".model"),
     }
+
+
+@pytest.fixture(scope="session")
+def embedded_backbone(tmp_path_factory):
+    """The tiny Llama3 sized for the embedded suite's tokenizer, as an HF checkpoint."""
+    from abmll_tune.data.embedded import MODEL_VOCAB
+    from abmll_tune.models.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(
+        tmp_path_factory.mktemp("backbone") / "tiny",
+        "llama3",
+        vocab_size=MODEL_VOCAB,
+        max_seq_len=256,
+    )

@@ -292,6 +292,17 @@ class PooledBatchSampler:
             return self.epoch + 1, 0
         return self.epoch, self.position
 
+    def visits(self, epoch: int, start: int = 0, batches_per_visit: int = 1) -> Iterator[TaskVisit]:
+        """The epoch's batches grouped ``batches_per_visit`` at a time as visits of the
+        pseudo-task ``<pooled>``, so the meta-training loop runs Regular LoRA unchanged.
+        ``start`` counts visits; the state's position counts batches."""
+        group: list[dict] = []
+        for batch in self.batches(epoch, start * batches_per_visit):
+            group.append(batch)
+            if len(group) == batches_per_visit:
+                yield TaskVisit(epoch, self.position // batches_per_visit - 1, "<pooled>", group)
+                group = []
+
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
@@ -405,3 +416,31 @@ def task_data(
     """Config entry point: ``data: {_component_: abmll_tune.data.task_data, path: ..., ...}``
     (the recipe passes the tokenizer)."""
     return TaskData(path, tokenizer, max_seq_len=max_seq_len, n_demos=n_demos, demo_seed=demo_seed)
+
+
+class PooledVisits:
+    """A :class:`PooledBatchSampler` seen as task visits of ``batches_per_visit`` batches,
+    with the interface of :class:`MetaTaskSampler` (positions count visits)."""
+
+    def __init__(self, sampler: PooledBatchSampler, batches_per_visit: int = 1):
+        self.sampler, self.batches_per_visit = sampler, batches_per_visit
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batches_per_visit
+
+    def visits(self, epoch: int, start: int = 0) -> Iterator[TaskVisit]:
+        return self.sampler.visits(epoch, start, self.batches_per_visit)
+
+    def resume_point(self) -> tuple[int, int]:
+        position = self.sampler.position // self.batches_per_visit
+        if position >= len(self):
+            return self.sampler.epoch + 1, 0
+        return self.sampler.epoch, position
+
+    def state_dict(self) -> dict:
+        return {**self.sampler.state_dict(), "batches_per_visit": self.batches_per_visit}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("batches_per_visit") != self.batches_per_visit:
+            raise ValueError("sampler state was saved with another gradient_accumulation_steps")
+        self.sampler.load_state_dict(state)

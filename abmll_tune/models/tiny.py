@@ -75,9 +75,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", choices=sorted(FAMILIES), default="llama3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="vocabulary (default 256; 768 for the embedded suite)",
+    )
+    parser.add_argument(
+        "--max-seq-len", type=int, default=None, help="RoPE table length (default 64)"
+    )
     args = parser.parse_args(argv)
+    overrides = {}
+    if args.vocab_size:
+        overrides["vocab_size"] = args.vocab_size
+    if args.max_seq_len:
+        overrides["max_seq_len"] = args.max_seq_len
     try:
-        path = write_tiny_checkpoint(args.out, args.family, args.seed, args.overwrite)
+        path = write_tiny_checkpoint(args.out, args.family, args.seed, args.overwrite, **overrides)
     except FileExistsError:
         parser.exit(2, f"error: {args.out} exists; rerun with --overwrite to replace it\n")
     print(f"wrote a tiny {args.family} HF checkpoint to {path}")

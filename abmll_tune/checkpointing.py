@@ -1,0 +1,267 @@
+"""Meta-training checkpoints and the PEFT export of the global posterior mean.
+
+A checkpoint is a directory, written to a temporary sibling and renamed into place::
+
+    adapters.safetensors     every adapter parameter (all four pairs for ABMLL), by
+                             the model's own parameter names (safetensors)
+    training_state.pt        optimizer states and RNG states; tensors, numbers and
+                             lists only, read back with torch.load(weights_only=True)
+    meta.json                format, version, method, progress (epoch, position,
+                             visits), adapter shapes, the resolved config
+    adapter/                 the global mean pair as a standard LoRA adapter in PEFT
+                             format (adapter_model.safetensors + adapter_config.json,
+                             converted with torchtune's own functions, as its
+                             checkpointer writes them)
+
+Loading checks the format version, the method and every adapter shape before touching
+the model, and names the file and the mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchtune.models import convert_weights
+from torchtune.modules.peft import get_lora_module_names
+
+from abmll_tune.io import atomic_directory, atomic_write_json
+from abmll_tune.modules import adapter_params_by_group, variational_lora_layers
+
+FORMAT = "abmll-tune-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit this run: names the file and what is wrong."""
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter parameter by name, detached on the CPU."""
+    return {
+        name: p.detach().cpu().contiguous().clone()
+        for name, p in adapter_params_by_group(model).items()
+    }
+
+
+def global_mean_as_lora(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The global mean pair of every adapted layer under torchtune's LoRA names
+    (``...q_proj.lora_a.weight``): the posterior mean as a plain LoRA adapter."""
+    out = {}
+    for prefix, layer in variational_lora_layers(model).items():
+        a, b = layer.pair("global", "mean")
+        out[f"{prefix}.lora_a.weight"] = a.detach().cpu().contiguous().clone()
+        out[f"{prefix}.lora_b.weight"] = b.detach().cpu().contiguous().clone()
+    return out
+
+
+def export_peft_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    rank: int,
+    alpha: float,
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool,
+    apply_lora_to_output: bool,
+    num_heads: int,
+    num_kv_heads: int,
+    dim: int,
+    head_dim: int | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT format) for the
+    global mean pair, converted by torchtune's ``tune_to_peft_adapter_weights`` and
+    ``tune_to_peft_adapter_config`` as its HF checkpointer does."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = convert_weights.tune_to_peft_adapter_weights(
+        global_mean_as_lora(model),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        dim=dim,
+        head_dim=head_dim,
+    )
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()},
+        str(directory / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    config = convert_weights.tune_to_peft_adapter_config(
+        {
+            "r": rank,
+            "lora_alpha": alpha,
+            "target_modules": get_lora_module_names(
+                lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output
+            ),
+            "peft_type": "LORA",
+        },
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def peft_to_tune_adapter(
+    peft_state: dict[str, torch.Tensor],
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    dim: int,
+    head_dim: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Inverse of torchtune's ``tune_to_peft_adapter_weights``: PEFT keys back to torchtune
+    LoRA keys (``layers.0.attn.q_proj.lora_a.weight``), the q/k ``lora_B`` un-permuted.
+
+    torchtune 0.6.1 has no public inverse; this inverts its (pinned) key tables.
+    """
+    head_dim = head_dim or dim // num_heads
+    inverse = {}
+    for tune_name, peft_name in convert_weights._TO_PEFT_KEYS.items():
+        if tune_name == "magnitude":
+            continue
+        for hf_key, tune_key in convert_weights._FROM_HF.items():
+            if tune_key is not None:
+                inverse[hf_key.replace(".weight", f".{peft_name}.weight")] = tune_key.replace(
+                    ".weight", f".{tune_name}.weight"
+                )
+
+    def unpermute(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+        rank = t.shape[-1]
+        return (
+            t.view(n_heads, 2, head_dim // 2, rank)
+            .transpose(1, 2)
+            .reshape(n_heads * head_dim, rank)
+        )
+
+    out = {}
+    for key, value in peft_state.items():
+        try:
+            tune_key = convert_weights.get_mapped_key(
+                key.removeprefix("base_model.model."), inverse
+            )
+        except Exception:  # noqa: BLE001 - torchtune raises a bare Exception for unknown keys
+            raise CheckpointError(f"unexpected PEFT adapter key {key!r}") from None
+        if "q_proj" in tune_key and "lora_b" in tune_key:
+            value = unpermute(value, num_heads)
+        elif "k_proj" in tune_key and "lora_b" in tune_key:
+            value = unpermute(value, num_kv_heads)
+        out[tune_key] = value
+    return out
+
+
+# ------------------------------------------------------------------ training checkpoints
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(_flatten_random_state(random.getstate())),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _flatten_random_state(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    model: nn.Module,
+    method: str,
+    learner_state: dict,
+    sampler_state: dict,
+    progress: dict,
+    config: dict,
+    peft_kwargs: dict | None,
+) -> Path:
+    """Write one checkpoint directory atomically (see the module docstring)."""
+    with atomic_directory(directory) as tmp:
+        adapters = adapter_state(model)
+        save_file(adapters, str(tmp / "adapters.safetensors"), metadata={"format": "pt"})
+        torch.save({"learner": learner_state, "rng": rng_state()}, tmp / "training_state.pt")
+        atomic_write_json(
+            tmp / "meta.json",
+            {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "method": method,
+                "progress": progress,
+                "sampler": sampler_state,
+                "adapter_shapes": {k: list(v.shape) for k, v in adapters.items()},
+                "config": config,
+            },
+        )
+        if peft_kwargs is not None:
+            export_peft_adapter(model, tmp / "adapter", **peft_kwargs)
+    return Path(directory)
+
+
+def read_checkpoint_meta(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint here (meta.json missing)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not {FORMAT!r} v{FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load_training_checkpoint(
+    directory: str | os.PathLike, model: nn.Module, method: str
+) -> tuple[dict, dict]:
+    """Load adapters and RNG state into this process; returns (meta, training state).
+
+    Validates method and every adapter shape first: nothing is loaded from a
+    checkpoint that does not fit."""
+    directory = Path(directory)
+    meta = read_checkpoint_meta(directory)
+    if meta["method"] != method:
+        raise CheckpointError(
+            f"{directory}: checkpoint of method {meta['method']!r}, this run is {method!r}"
+        )
+    params = adapter_params_by_group(model)
+    saved_shapes = {k: tuple(v) for k, v in meta["adapter_shapes"].items()}
+    mine = {k: tuple(p.shape) for k, p in params.items()}
+    if saved_shapes != mine:
+        missing = sorted(set(mine) - set(saved_shapes))[:3]
+        extra = sorted(set(saved_shapes) - set(mine))[:3]
+        wrong = [
+            f"{k}: checkpoint {saved_shapes[k]} vs model {mine[k]}"
+            for k in mine
+            if k in saved_shapes and saved_shapes[k] != mine[k]
+        ][:3]
+        raise CheckpointError(
+            f"{directory / 'adapters.safetensors'} does not fit the model "
+            f"(missing {missing}, unexpected {extra}, shape mismatches {wrong}); "
+            "use the model config the checkpoint was trained with"
+        )
+    tensors = load_file(str(directory / "adapters.safetensors"))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+    state = torch.load(directory / "training_state.pt", weights_only=True)
+    set_rng_state(state["rng"])
+    return meta, state["learner"]

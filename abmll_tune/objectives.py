@@ -1,0 +1,96 @@
+"""Training objectives: the answer NLL and ABMLL's tempered ELBO (arXiv 2508.14285, Eq. 2).
+
+Per inner step on a batch of task i (``../shared/spec/method.md`` section 2)::
+
+    L = NLL(batch | phi ~ q)  +  beta * KL(q(phi | D_i) || p(phi | theta))  +  gamma * (-log p(theta))
+
+* NLL is the mean cross-entropy over the answer tokens of the batch, computed as
+  torchtune's recipes do (labels shifted by one, the prompt masked): one answer letter
+  per question, so it is the mean over questions. beta and gamma are relative to it.
+* KL is summed over every weight entry of every adapted layer
+  (:func:`abmll_tune.modules.kl_local_global`), -log p(theta) likewise
+  (:func:`abmll_tune.modules.neg_log_prior_global`); both in float64.
+* In the inner loop only the local pairs are trained, so -log p(theta), a function of
+  the global pairs alone, is constant there and is evaluated in the outer step only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+
+from abmll_tune.modules import kl_local_global, neg_log_prior_global
+
+
+def shifted_labels(labels: Tensor) -> Tensor:
+    """torchtune's convention: position t predicts token t + 1."""
+    ignore = torch.full_like(labels[:, :1], CROSS_ENTROPY_IGNORE_IDX)
+    return torch.cat([labels[:, 1:], ignore], dim=1)
+
+
+def answer_nll(model: nn.Module, batch: dict, loss_fn: nn.Module | None = None) -> Tensor:
+    """Mean cross-entropy of the answer tokens of ``batch`` (the prompt is masked).
+
+    ``loss_fn`` may be torchtune's ``CEWithChunkedOutputLoss`` (the model then returns
+    chunked logits, as after ``model.set_num_output_chunks``); default: plain CE.
+    """
+    logits = model(batch["tokens"])
+    labels = shifted_labels(batch["labels"])
+    if loss_fn is not None:
+        return loss_fn(logits, labels)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=CROSS_ENTROPY_IGNORE_IDX,
+    )
+
+
+@dataclass(frozen=True)
+class ELBOWeights:
+    """Temperatures and hyperprior of the tempered ELBO.
+
+    beta weighs the local KL, gamma the global prior (v1: beta = 5e-10, gamma = 1e-6,
+    a0 = 1, b0 = 0.01). ``prior_mu_var`` is the variance of N(mu_theta; 0, v):
+    ``"pretrained"`` (the frozen weight's variance, default), ``"sigma_floor"`` (c, the
+    literal reading) or a number. ``beta_only`` sets gamma = beta (v3's single beta).
+    """
+
+    beta: float = 5e-10
+    gamma: float = 1e-6
+    prior_mu_var: float | str = "pretrained"
+    a0: float = 1.0
+    b0: float = 0.01
+    beta_only: bool = False
+
+    @property
+    def effective_gamma(self) -> float:
+        return self.beta if self.beta_only else self.gamma
+
+
+def beta_kl(model: nn.Module, weights: ELBOWeights) -> Tensor:
+    """beta * KL(q(phi | D_i) || p(phi | theta)), float64."""
+    return weights.beta * kl_local_global(model)
+
+
+def gamma_prior(model: nn.Module, weights: ELBOWeights) -> Tensor:
+    """gamma * (-log p(theta)), float64."""
+    return weights.effective_gamma * neg_log_prior_global(
+        model, weights.prior_mu_var, weights.a0, weights.b0
+    )
+
+
+def tempered_elbo(
+    model: nn.Module, nll: Tensor, weights: ELBOWeights, *, with_prior: bool
+) -> dict[str, Tensor]:
+    """Eq. 2: ``loss = nll + beta * KL (+ gamma * prior)`` and its terms (for logging)."""
+    terms = {"nll": nll, "beta_kl": beta_kl(model, weights)}
+    loss = nll + terms["beta_kl"]
+    if with_prior:
+        terms["gamma_prior"] = gamma_prior(model, weights)
+        loss = loss + terms["gamma_prior"]
+    terms["loss"] = loss
+    return terms

@@ -1,0 +1,283 @@
+"""Meta-training on one device: ABMLL, Reptile, Structured LoRA and Regular LoRA.
+
+    tune run recipes/abmll_meta_single_device --config configs/tiny_cpu_abmll.yaml
+    tune run recipes/abmll_meta_single_device --config configs/llama3_8b_cls45.yaml epochs=3
+
+The recipe follows torchtune's ``lora_finetune_single_device``: ``setup`` builds the
+pieces a config names (model through torchtune's checkpointer, tokenizer, task data,
+optimizers, metric logger), ``train`` walks the epochs and the task visits, and
+``save_checkpoint`` writes the adapters, optimizer, sampler and RNG states. What happens
+inside one task visit (local <- global, K inner steps, the outer step) is
+:class:`abmll_tune.meta.MetaLearner`, the one loop all four methods share; the ABMLL
+math is in :mod:`abmll_tune.objectives` and :mod:`abmll_tune.modules.gaussian`.
+``config.method`` picks the method (``recipes/reptile_single_device`` is this recipe
+with Reptile's defaults).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, modules, training, utils
+from torchtune.config._errors import ConfigError
+from torchtune.modules.peft import validate_missing_and_unexpected_for_lora
+from torchtune.recipe_interfaces import FTRecipeInterface
+from tqdm import tqdm
+
+from abmll_tune.checkpointing import (
+    CheckpointError,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from abmll_tune.data.loader import MetaTaskSampler, PooledBatchSampler, PooledVisits
+from abmll_tune.data.records import DataError
+from abmll_tune.meta import MetaLearner
+from abmll_tune.recipe_config import (
+    RESUME_INVARIANTS,
+    RecipeConfigError,
+    check_output_dir,
+    check_recipe_config,
+    meta_config,
+)
+
+log = utils.get_logger("INFO")
+
+
+class MetaLearningRecipeSingleDevice(FTRecipeInterface):
+    """Meta-training of LoRA adapters on one device (see the module docstring).
+
+    Config keys and their defaults: ``abmll_tune/recipe_config.py``; the README's
+    "Meta-training" section explains each method's settings.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        # Everything a config can get wrong is checked here, before any model is built.
+        self._settings = check_recipe_config(cfg)
+        self._meta = meta_config(self._settings)
+        self._output_dir = check_output_dir(cfg.output_dir)
+        self._device = utils.get_device(device=self._settings["device"])
+        self._dtype = training.get_dtype(self._settings["dtype"], device=self._device)
+        self._seed = training.set_seed(seed=self._settings["seed"])
+        self._epochs = self._settings["epochs"]
+        self._visits_done = 0
+        self._start_epoch, self._start_position = 0, 0
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, cfg: DictConfig) -> None:
+        self._cfg = cfg
+        self._metric_logger = (
+            config.instantiate(cfg.metric_logger)
+            if "metric_logger" in cfg
+            else training.metric_logging.DiskLogger(log_dir=str(self._output_dir / "logs"))
+        )
+        self._metric_logger.log_config(cfg)
+        self._model = self._setup_model(cfg)
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._loss_fn = None
+        if "loss" in cfg:
+            self._loss_fn = config.instantiate(cfg.loss)
+            if hasattr(self._loss_fn, "num_output_chunks"):
+                self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        self._sampler = self._setup_sampler(cfg)
+        self._learner = MetaLearner(
+            self._model,
+            self._meta,
+            make_inner_optimizer=partial(config.instantiate, cfg.inner_optimizer),
+            make_outer_optimizer=partial(config.instantiate, cfg.outer_optimizer)
+            if "outer_optimizer" in cfg
+            else None,
+            loss_fn=self._loss_fn,
+        )
+        if self._settings["resume_from_checkpoint"]:
+            self._resume(cfg)
+
+    def _setup_model(self, cfg: DictConfig) -> torch.nn.Module:
+        checkpointer = config.instantiate(cfg.checkpointer)
+        self._checkpointer_config = getattr(checkpointer, "_config", {})
+        base_state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+        with training.set_default_dtype(self._dtype), self._device:
+            model = config.instantiate(cfg.model)
+        try:
+            missing, unexpected = model.load_state_dict(base_state, strict=False)
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{cfg.checkpointer.checkpoint_dir}: the checkpoint does not fit model "
+                f"{cfg.model._component_} ({str(err).splitlines()[-1].strip()}); use the builder "
+                "and architecture arguments of the model the checkpoint holds"
+            ) from None
+        validate_missing_and_unexpected_for_lora(
+            lora_attn_modules=list(cfg.model.get("lora_attn_modules", [])),
+            apply_lora_to_mlp=cfg.model.get("apply_lora_to_mlp", False),
+            apply_lora_to_output=cfg.model.get("apply_lora_to_output", False),
+            base_missing=missing,
+            base_unexpected=unexpected,
+        )
+        if self._settings["enable_activation_checkpointing"]:
+            training.set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
+        if self._settings["compile"]:
+            training.compile_model(model)
+        return model
+
+    def _setup_sampler(self, cfg: DictConfig):
+        self._data = config.instantiate(cfg.data, tokenizer=self._tokenizer)
+        tasks = self._data.train_tasks()
+        too_long = sum(self._data.report.too_long.values())
+        log.info(
+            f"{len(tasks)} training tasks, {self._data.report.kept} questions"
+            + (f" ({too_long} longer than max_seq_len skipped)" if too_long else "")
+        )
+        s = self._settings
+        if self._meta.method == "lora":
+            pooled = PooledBatchSampler(
+                tasks, batch_size=s["batch_size"], seed=s["seed"], pad_id=self._data.pad_id
+            )
+            return PooledVisits(pooled, self._meta.batches_per_task)
+        return MetaTaskSampler(
+            tasks,
+            batch_size=s["batch_size"],
+            batches_per_task=self._meta.batches_per_task,
+            seed=s["seed"],
+            task_sampling=s["task_sampling"],
+            pad_id=self._data.pad_id,
+        )
+
+    def _resume(self, cfg: DictConfig) -> None:
+        directory = self._output_dir / "checkpoints" / "latest"
+        meta, learner_state = load_training_checkpoint(directory, self._model, self._meta.method)
+        now = OmegaConf.to_container(cfg, resolve=True)
+        changed = [k for k in RESUME_INVARIANTS if meta["config"].get(k) != now.get(k)]
+        if changed:
+            raise RecipeConfigError(
+                [
+                    f"{k}: differs from the checkpoint in {directory}; resume with the same setting"
+                    for k in changed
+                ]
+            )
+        self._learner.load_state_dict(learner_state)
+        self._sampler.load_state_dict(meta["sampler"])
+        self._start_epoch, self._start_position = self._sampler.resume_point()
+        self._visits_done = meta["progress"]["visits"]
+        log.info(
+            f"Resumed from {directory} at epoch {self._start_epoch}, visit {self._start_position}"
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _peft_kwargs(self) -> dict | None:
+        c, m = self._checkpointer_config, self._cfg.model
+        if not {"num_attention_heads", "num_key_value_heads", "hidden_size"} <= set(c):
+            return None
+        return dict(
+            rank=m.get("lora_rank", 8),
+            alpha=m.get("lora_alpha", 16),
+            lora_attn_modules=list(m.get("lora_attn_modules", ["q_proj", "v_proj", "output_proj"])),
+            apply_lora_to_mlp=m.get("apply_lora_to_mlp", False),
+            apply_lora_to_output=m.get("apply_lora_to_output", False),
+            num_heads=c["num_attention_heads"],
+            num_kv_heads=c["num_key_value_heads"],
+            dim=c["hidden_size"],
+            head_dim=c.get("head_dim"),
+        )
+
+    def save_checkpoint(self, epoch: int, *, epoch_end: bool = False) -> Path:
+        """Write ``checkpoints/latest`` (and ``checkpoints/epoch_{epoch}`` at an epoch's end)."""
+        root = self._output_dir / "checkpoints"
+        kwargs = dict(
+            model=self._model,
+            method=self._meta.method,
+            learner_state=self._learner.state_dict(),
+            sampler_state=self._sampler.state_dict(),
+            progress={"epoch": epoch, "visits": self._visits_done, "epoch_end": epoch_end},
+            config=OmegaConf.to_container(self._cfg, resolve=True),
+            peft_kwargs=self._peft_kwargs(),
+        )
+        latest = save_training_checkpoint(root / "latest", **kwargs)
+        if epoch_end and self._settings["keep_epoch_checkpoints"]:
+            save_training_checkpoint(root / f"epoch_{epoch}", **kwargs)
+        return latest
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> None:
+        s = self._settings
+        stop_after = s["stop_after_visits"]
+        for epoch in range(self._start_epoch, self._epochs):
+            start = self._start_position if epoch == self._start_epoch else 0
+            progress = tqdm(
+                total=len(self._sampler),
+                initial=start,
+                desc=f"{self._meta.method} epoch {epoch + 1}/{self._epochs}",
+                unit="task",
+            )
+            for visit in self._sampler.visits(epoch, start):
+                metrics = self._learner.train_task(visit)
+                self._visits_done += 1
+                progress.update(1)
+                progress.set_postfix(nll=f"{metrics['nll']:.3f}")
+                if self._visits_done % s["log_every_n_visits"] == 0:
+                    self._log(visit, metrics)
+                every = s["save_every_n_visits"]
+                if (every and self._visits_done % every == 0) or self._visits_done == stop_after:
+                    self.save_checkpoint(epoch)
+                if self._visits_done == stop_after:
+                    progress.close()
+                    log.info(
+                        f"Stopped after {stop_after} task visits (stop_after_visits); resume with resume_from_checkpoint=true"
+                    )
+                    return
+            progress.close()
+            latest = self.save_checkpoint(epoch, epoch_end=True)
+            log.info(f"Epoch {epoch + 1} done; checkpoint in {latest}")
+
+    def _log(self, visit, metrics: dict) -> None:
+        out = {k: v for k, v in metrics.items() if k != "seconds"}
+        out[f"nll/{visit.task}"] = metrics["nll"]
+        out["epoch"] = visit.epoch
+        for group in self._learner.inner_optimizer.param_groups:
+            out[f"lr/inner_{group.get('name', 'all')}"] = group["lr"]
+        if self._settings["log_peak_memory_stats"]:
+            if self._device.type == "cuda":
+                out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self._device) / 2**30
+            else:  # training.get_memory_stats does not work on the CPU: peak RSS
+                out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        self._metric_logger.log_dict(out, step=self._visits_done)
+
+    def cleanup(self) -> None:
+        self._metric_logger.close()
+
+
+def run(cfg: DictConfig, recipe_name: str = "MetaLearningRecipeSingleDevice") -> None:
+    """Run the recipe; bad input ends the process with one message and status 2."""
+    config.log_config(recipe_name=recipe_name, cfg=cfg)
+    start = time.perf_counter()
+    try:
+        recipe = MetaLearningRecipeSingleDevice(cfg=cfg)
+        recipe.setup(cfg=cfg)
+    except (RecipeConfigError, CheckpointError, DataError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    recipe.train()
+    recipe.cleanup()
+    out = Path(cfg.output_dir)
+    print(
+        f"done in {time.perf_counter() - start:.0f} s: checkpoint {out / 'checkpoints' / 'latest'} "
+        f"(PEFT adapter in its adapter/), logs in {out / 'logs'}"
+    )
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

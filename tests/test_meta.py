@@ -1,0 +1,283 @@
+"""The shared meta-training loop against hand computations, and checkpoints/exports."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torchtune.models import convert_weights
+from torchtune.models.llama3 import llama3, lora_llama3
+
+from abmll_tune.checkpointing import (
+    CheckpointError,
+    export_peft_adapter,
+    load_training_checkpoint,
+    peft_to_tune_adapter,
+    save_training_checkpoint,
+)
+from abmll_tune.data.embedded import MODEL_VOCAB, llama3_tokenizer
+from abmll_tune.data.loader import MetaTaskSampler, TaskData, TaskVisit
+from abmll_tune.meta import MetaConfig, MetaLearner
+from abmll_tune.models import abmll_llama3
+from abmll_tune.modules import adapter_mode, adapter_params_by_group
+from abmll_tune.objectives import ELBOWeights, answer_nll
+
+ARCH = dict(
+    vocab_size=MODEL_VOCAB,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=64,
+    intermediate_dim=128,
+    max_seq_len=128,
+)
+
+
+def sgd(lr):
+    return lambda groups: torch.optim.SGD(groups, lr=lr)
+
+
+def adamw(groups):
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+@pytest.fixture(scope="module")
+def tasks(embedded_split, embedded_source):
+    data = TaskData(embedded_split, llama3_tokenizer(embedded_source / "tokenizer"), max_seq_len=64)
+    all_tasks = data.train_tasks()
+    return {name: all_tasks[name] for name in sorted(all_tasks)[:3]}
+
+
+def make_model(variational, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = abmll_llama3(
+        variational=variational, sampling="local" if variational else "mean", **ARCH, **kw
+    )
+    with torch.no_grad():  # non-zero adapters, so that every update is visible
+        for p in adapter_params_by_group(model).values():
+            p.normal_(0, 0.02)
+    return model
+
+
+def first_visit(tasks, k):
+    return next(MetaTaskSampler(tasks, batch_size=2, batches_per_task=k, seed=0).visits(0))
+
+
+def params(model, scope, kind=None):
+    return {n: p.detach().clone() for n, p in adapter_params_by_group(model, scope, kind).items()}
+
+
+def test_reptile_update_equals_the_formula_on_a_hand_checked_step(tasks):
+    model = make_model(False)
+    visit = first_visit(tasks, 3)
+    lr, eps = 0.05, 0.25
+    theta0 = params(model, "global")
+    # by hand: local <- global, three plain SGD steps on the NLL, then interpolate
+    manual = copy.deepcopy(model)
+    manual_local = adapter_params_by_group(manual, "local")
+    with torch.no_grad():
+        for name, p in manual_local.items():
+            p.copy_(theta0[name.replace(".lora_local_", ".lora_global_")])
+    for batch in visit.batches:
+        with adapter_mode(manual, "local_mean"):
+            loss = answer_nll(manual, batch)
+        grads = torch.autograd.grad(loss, list(manual_local.values()))
+        with torch.no_grad():
+            for p, g in zip(manual_local.values(), grads, strict=True):
+                p.sub_(lr * g)
+    cfg = MetaConfig(method="reptile", inner_steps=3, inner_lr_mean=lr, outer_step_mean=eps)
+    learner = MetaLearner(model, cfg, sgd(lr))
+    learner.train_task(visit)
+    phi = params(model, "local")
+    for name, p in phi.items():
+        torch.testing.assert_close(p, manual_local[name].detach(), rtol=1e-5, atol=1e-7)
+    for name, theta in params(model, "global").items():
+        expected = theta0[name] + eps * (
+            phi[name.replace(".lora_global_", ".lora_local_")] - theta0[name]
+        )
+        torch.testing.assert_close(theta, expected, rtol=0, atol=1e-7)
+
+
+def test_reptile_outer_optimizer_uses_the_pseudo_gradient(tasks):
+    model = make_model(False)
+    cfg = MetaConfig(
+        method="reptile",
+        inner_steps=2,
+        inner_lr_mean=0.05,
+        outer_update="optimizer",
+        outer_lr_mean=0.5,
+    )
+    learner = MetaLearner(model, cfg, sgd(0.05), sgd(0.5))
+    theta0 = params(model, "global")
+    learner.train_task(first_visit(tasks, 2))
+    for name, theta in params(model, "global").items():
+        phi = params(model, "local")[name.replace(".lora_global_", ".lora_local_")]
+        torch.testing.assert_close(
+            theta, theta0[name] - 0.5 * (theta0[name] - phi), rtol=0, atol=1e-7
+        )
+
+
+@pytest.mark.parametrize("outer_grad", ["reptile", "first_order", "kl_only"])
+def test_abmll_resets_local_from_global_at_each_task_and_moves_global(tasks, outer_grad):
+    model = make_model(True, std_b_init_std=0.01)
+    cfg = MetaConfig(
+        method="abmll",
+        inner_steps=2,
+        inner_lr_mean=1e-3,
+        inner_lr_std=1e-4,
+        outer_grad=outer_grad,
+        outer_lr_mean=1e-3,
+        outer_lr_std=1e-4,
+        std_grad_clamp=1.0,
+        elbo=ELBOWeights(beta=1e-6, gamma=1e-6),
+    )
+    learner = MetaLearner(model, cfg, adamw, adamw)
+    sampler = MetaTaskSampler(tasks, batch_size=2, batches_per_task=cfg.batches_per_task, seed=0)
+    seen = []
+    inner_step = learner.inner_step
+
+    def spy(batches):
+        if not seen or seen[-1][0] is not learner.visit_marker:
+            local, glob = params(model, "local"), params(model, "global")
+            same = all(
+                torch.equal(v, glob[k.replace(".lora_local_", ".lora_global_")])
+                for k, v in local.items()
+            )
+            seen.append((learner.visit_marker, same))
+        return inner_step(batches)
+
+    learner.inner_step = spy
+    before = params(model, "global")
+    for visit in sampler.visits(0):
+        learner.visit_marker = object()
+        metrics = learner.train_task(visit)
+        assert all(v == v and abs(v) != float("inf") for v in metrics.values())
+    assert len(seen) == 3 and all(same for _, same in seen)  # local == global at every task's start
+    after = params(model, "global")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".lora_global_mean_" in k for k in moved) and any(
+        ".lora_global_std_" in k for k in moved
+    )
+    if outer_grad == "first_order":
+        assert "query_nll" in metrics
+
+
+def test_structured_lora_with_k1_and_one_task_equals_regular_lora(tasks):
+    name = sorted(tasks)[0]
+    batches = [
+        b
+        for v in MetaTaskSampler(
+            {name: tasks[name]}, batch_size=2, batches_per_task=1, seed=0
+        ).visits(0)
+        for b in v.batches
+    ]
+    batches += [
+        b
+        for v in MetaTaskSampler(
+            {name: tasks[name]}, batch_size=2, batches_per_task=1, seed=1
+        ).visits(0)
+        for b in v.batches
+    ]
+    structured, regular = make_model(False), make_model(False)
+    s_learner = MetaLearner(
+        structured, MetaConfig(method="structured_lora", inner_steps=1, inner_lr_mean=1e-3), adamw
+    )
+    r_learner = MetaLearner(
+        regular, MetaConfig(method="lora", inner_steps=1, inner_lr_mean=1e-3), adamw
+    )
+    for i, batch in enumerate(batches):
+        s_learner.train_task(TaskVisit(0, i, name, [batch]))
+        r_learner.train_task(TaskVisit(0, i, "<pooled>", [batch]))
+    s, r = params(structured, "global"), params(regular, "global")
+    assert all(torch.equal(s[k], r[k]) for k in s)
+    assert not all(torch.equal(s[k], v) for k, v in params(make_model(False), "global").items())
+
+
+def test_method_and_model_must_agree():
+    with pytest.raises(ValueError, match="needs model.variational=True"):
+        MetaLearner(make_model(False), MetaConfig(method="abmll"), adamw, adamw)
+    with pytest.raises(ValueError, match="needs model.variational=False"):
+        MetaLearner(make_model(True), MetaConfig(method="reptile"), adamw)
+    with pytest.raises(ValueError, match="outer_grad"):
+        MetaConfig(method="abmll", outer_grad="second_order")
+
+
+def test_std_grad_clamp_is_elementwise(tasks):
+    model = make_model(True, std_b_init_std=0.01)
+    cfg = MetaConfig(method="abmll", std_grad_clamp=1e-3)
+    learner = MetaLearner(model, cfg, adamw, adamw)
+    stds = adapter_params_by_group(model, "local", "std")
+    for p in stds.values():
+        p.grad = torch.linspace(-5, 5, p.numel()).reshape(p.shape)
+    means = adapter_params_by_group(model, "local", "mean")
+    for p in means.values():
+        p.grad = torch.full_like(p, 5.0)
+    learner._clamp_std_grads("local")
+    assert all(p.grad.abs().max() == pytest.approx(1e-3) for p in stds.values())
+    assert all(bool((p.grad == 5.0).all()) for p in means.values())  # means untouched
+
+
+def test_checkpoint_round_trip_and_shape_check(tmp_path):
+    model = make_model(True)
+    state = {"inner_optimizer": None, "outer_optimizer": None}
+    kwargs = dict(
+        method="abmll",
+        learner_state=state,
+        sampler_state={"epoch": 1},
+        progress={"visits": 3},
+        config={},
+        peft_kwargs=None,
+    )
+    torch.manual_seed(123)
+    save_training_checkpoint(tmp_path / "ck", model=model, **kwargs)
+    expected_next = torch.rand(3)
+    other = make_model(True, seed=1)
+    meta, _ = load_training_checkpoint(tmp_path / "ck", other, "abmll")
+    assert meta["sampler"] == {"epoch": 1} and meta["progress"] == {"visits": 3}
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(params(model, None).values(), params(other, None).values(), strict=True)
+    )
+    assert torch.equal(torch.rand(3), expected_next)  # RNG restored
+    with pytest.raises(CheckpointError, match=r"ck/adapters.safetensors does not fit the model"):
+        load_training_checkpoint(tmp_path / "ck", make_model(True, lora_rank=4), "abmll")
+    with pytest.raises(CheckpointError, match="method 'abmll', this run is 'reptile'"):
+        load_training_checkpoint(tmp_path / "ck", make_model(False), "reptile")
+
+
+def test_exported_peft_adapter_loads_into_torchtunes_lora_model_with_the_same_logits(tmp_path):
+    model = make_model(True)
+    out = export_peft_adapter(
+        model,
+        tmp_path / "adapter",
+        rank=8,
+        alpha=16,
+        lora_attn_modules=["q_proj", "v_proj", "output_proj"],
+        apply_lora_to_mlp=False,
+        apply_lora_to_output=False,
+        num_heads=4,
+        num_kv_heads=2,
+        dim=64,
+    )
+    peft = load_file(str(out / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.model.layers.") for k in peft)
+    lora = lora_llama3(["q_proj", "v_proj", "output_proj"], lora_rank=8, lora_alpha=16, **ARCH)
+    base = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    lora.load_state_dict(
+        {**base, **peft_to_tune_adapter(peft, num_heads=4, num_kv_heads=2, dim=64)}, strict=True
+    )
+    tokens = torch.randint(0, MODEL_VOCAB, (2, 11))
+    with torch.no_grad(), adapter_mode(model, "global_mean"):
+        expected = model(tokens)
+    torch.testing.assert_close(lora(tokens), expected, rtol=1e-5, atol=1e-5)
+    # independently: merge the PEFT adapter into HF-format weights, convert back with torchtune
+    hf = convert_weights.tune_to_hf(base, num_heads=4, num_kv_heads=2, dim=64)
+    scale = 16 / 8
+    for key, a in peft.items():
+        if ".lora_A." in key:
+            b = peft[key.replace(".lora_A.", ".lora_B.")]
+            target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            hf[target] = hf[target] + scale * b @ a
+    merged = llama3(**ARCH)
+    merged.load_state_dict(convert_weights.hf_to_tune(hf, num_heads=4, num_kv_heads=2, dim=64))
+    torch.testing.assert_close(merged(tokens), expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,132 @@
+"""Config checks of the meta-training recipes, on every shipped config and bad combinations."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from torchtune.config._validate import validate
+
+from abmll_tune.recipe_config import RecipeConfigError, check_recipe_config, meta_config
+
+CONFIGS = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
+    if "inspect" not in p.name
+)
+
+
+def test_the_shipped_configs_cover_the_papers_grid():
+    names = {p.stem for p in CONFIGS}
+    for model in ("llama3_8b", "qwen2_7b"):
+        for split in ("cls45", "cls23", "nli", "para", "mcqa"):
+            assert f"{model}_{split}" in names  # ABMLL
+            for variant in (
+                "reptile",
+                "structured_lora",
+                "lora",
+                "abmll_metaicl",
+                "reptile_metaicl",
+                "metaicl",
+            ):
+                assert f"{model}_{split}_{variant}" in names
+        assert f"{model}_cls45_literal" in names
+    for variant in (
+        "abmll",
+        "reptile",
+        "structured_lora",
+        "lora",
+        "abmll_metaicl",
+        "reptile_metaicl",
+        "metaicl",
+    ):
+        assert f"tiny_cpu_{variant}" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_passes_our_checks_and_tune_validate(path):
+    cfg = OmegaConf.load(path)
+    settings = check_recipe_config(cfg)
+    meta_config(settings)  # the loop accepts it too
+    validate(cfg)  # torchtune's own: every _component_ binds its arguments
+    if path.stem.startswith(("llama3_8b", "qwen2_7b")):
+        assert settings["dtype"] == "bf16" and settings["batch_size"] == 2
+        assert 1e-6 <= settings["inner_lr_mean"] <= 5e-5
+        assert cfg.model.lora_rank == 8 and cfg.model.lora_alpha == 16
+        assert list(cfg.model.lora_attn_modules) == ["q_proj", "v_proj", "output_proj"]
+        assert settings["enable_activation_checkpointing"]
+        if settings["method"] != "lora":
+            assert settings["inner_steps"] == 5
+        if settings["method"] == "abmll":
+            assert (settings["beta"], settings["gamma"], settings["a0"], settings["b0"]) == (
+                5e-10,
+                1e-6,
+                1.0,
+                0.01,
+            )
+    if path.stem.endswith("literal"):
+        assert cfg.model.std_param == "affine" and settings["prior_mu_var"] == "sigma_floor"
+        assert settings["outer_grad"] == "kl_only" and settings["local_init"] == "global"
+
+
+def test_the_generator_and_configs_agree():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "scripts/generate_configs.py", "--check"],
+        cwd=CONFIGS[0].parents[1],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def base_cfg(**changes):
+    cfg = OmegaConf.load(CONFIGS[0].parent / "tiny_cpu_abmll.yaml")
+    for key, value in changes.items():
+        if value is None:
+            del cfg[key]
+        else:
+            OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(outer_optimizer=None),
+            "outer_optimizer: method 'abmll' with these settings needs an outer_optimizer section",
+        ),
+        (
+            {
+                "method": "reptile",
+                "model.variational": False,
+                "model.sampling": "mean",
+                "outer_update": "optimizer",
+                "outer_optimizer": None,
+            },
+            "outer_optimizer: method 'reptile'",
+        ),
+        (
+            {"method": "abmll", "model.variational": False},
+            "model.variational: ABMLL needs the std pairs",
+        ),
+        ({"dtype": "bf16"}, "dtype: bf16 on the CPU is about 30x slower"),
+        (
+            {"method": "lora", "model.variational": False, "model.sampling": "mean"},
+            "inner_steps: Regular LoRA takes one step per pooled batch",
+        ),
+        ({"beta": True}, "beta: expected int or float, got bool True"),
+        (
+            {"prior_mu_var": "flat"},
+            "prior_mu_var: 'flat' must be 'pretrained', 'sigma_floor' or a number",
+        ),
+        ({"epochs": 0}, "epochs: must be >= 1, got 0"),
+        ({"tokenizer": None}, "tokenizer: missing required section"),
+    ],
+)
+def test_bad_combinations_are_named(changes, message):
+    with pytest.raises(RecipeConfigError) as info:
+        check_recipe_config(base_cfg(**changes))
+    assert any(message in p for p in info.value.problems), info.value.problems

@@ -1,0 +1,197 @@
+"""The meta-training recipes end to end through torchtune's real `tune run` CLI.
+
+Most runs execute the CLI in-process (patched argv, runpy), as torchtune's own recipe
+tests do, to save the ~6-10 s of imports per run; one runs it as a subprocess.
+"""
+
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest.mock import patch
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TUNE = shutil.which("tune", path=str(Path(sys.executable).parent))
+RECIPE = {
+    "abmll": "abmll_meta_single_device",
+    "reptile": "reptile_single_device",
+    "structured_lora": "reptile_single_device",
+    "lora": "reptile_single_device",
+}
+
+
+@pytest.fixture(scope="module")
+def overrides(embedded_source, embedded_split, embedded_backbone):
+    tok = embedded_source / "tokenizer"
+    return [
+        f"tokenizer.path={tok / 'tokenizer.model'}",
+        f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",
+        f"checkpointer.checkpoint_dir={embedded_backbone}",
+        f"data.path={embedded_split}",
+    ]
+
+
+def tune_run(method, out, overrides, *extra, config=None, capsys=None):
+    """Run `tune run` in-process; returns (exit code, stderr)."""
+    config = config or f"configs/tiny_cpu_{method}.yaml"
+    argv = [
+        "tune",
+        "run",
+        f"recipes/{RECIPE[method]}",
+        "--config",
+        config,
+        f"output_dir={out}",
+        *overrides,
+        *extra,
+    ]
+    code = 0
+    with patch.object(sys, "argv", argv):
+        try:
+            runpy.run_path(TUNE, run_name="__main__")
+        except SystemExit as exit_:
+            code = exit_.code or 0
+    err = capsys.readouterr().err if capsys else ""
+    return code, err
+
+
+def logged(out: Path, key: str) -> list[float]:
+    text = "".join(p.read_text() for p in sorted((out / "logs").glob("*.txt")))
+    return [float(v) for v in re.findall(rf"(?:^|\s){re.escape(key)}:(\S+)", text)]
+
+
+def final_adapters(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / "latest" / "adapters.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("abmll", ["epochs=2"]),
+        ("reptile", ["epochs=3"]),
+        ("structured_lora", ["epochs=2"]),
+        ("lora", ["epochs=1", "stop_after_visits=200"]),
+    ],
+)
+def test_each_method_trains_end_to_end(method, extra, overrides, tmp_path, capsys):
+    out = tmp_path / method
+    code, err = tune_run(method, out, overrides, *extra, capsys=capsys)
+    assert code == 0, err[-3000:]
+    nll = logged(out, "nll")
+    assert len(nll) >= 40 and all(v == v and abs(v) < 1e6 for v in nll)
+    first, last = sum(nll[:10]) / 10, sum(nll[-10:]) / 10
+    assert last < first - 0.5, (first, last)  # the training loss falls
+    ckpt = out / "checkpoints" / "latest"
+    assert {p.name for p in ckpt.iterdir()} == {
+        "adapters.safetensors",
+        "training_state.pt",
+        "meta.json",
+        "adapter",
+    }
+    assert {p.name for p in (ckpt / "adapter").iterdir()} == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+    }
+    if method == "abmll":
+        assert logged(out, "beta_kl") and logged(out, "gamma_prior")
+        assert any(".lora_global_std_" in k for k in final_adapters(out))
+
+
+@pytest.mark.parametrize("method", ["abmll", "lora"])
+def test_resume_after_a_stop_mid_epoch_gives_the_same_final_adapters(
+    method, overrides, tmp_path, capsys
+):
+    epochs = ["epochs=2"] if method == "abmll" else ["epochs=1", "batch_size=64"]
+    straight = tmp_path / "straight"
+    assert tune_run(method, straight, overrides, *epochs, capsys=capsys)[0] == 0
+    resumed = tmp_path / "resumed"
+    stop = "stop_after_visits=53" if method == "abmll" else "stop_after_visits=61"
+    assert (
+        tune_run(method, resumed, overrides, *epochs, stop, "save_every_n_visits=7", capsys=capsys)[
+            0
+        ]
+        == 0
+    )
+    partial = final_adapters(resumed)
+    code, err = tune_run(
+        method, resumed, overrides, *epochs, "resume_from_checkpoint=true", capsys=capsys
+    )
+    assert code == 0, err[-3000:]
+    a, b = final_adapters(straight), final_adapters(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    assert not all(torch.equal(a[k], partial[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["inner_stpes=5"], "inner_stpes: unknown key (did you mean 'inner_steps'?)"),
+        (["~epochs"], "epochs: missing required key"),
+        (["batch_size=two"], "batch_size: expected int, got str 'two'"),
+        (["outer_grad=second_order"], "outer_grad: 'second_order' is not one of"),
+        (["method=reptile"], "model.sampling: 'local' needs variance adapters"),
+        (["inner_steps=150"], "fewer than batches_per_task x batch_size = 150 x 2 = 300"),
+        (
+            ["model.embed_dim=32"],
+            "the checkpoint does not fit model abmll_tune.models.abmll_llama3",
+        ),
+        (
+            ["inner_optimizer._component_=torch.optim.AdamWW"],
+            "inner_optimizer._component_: cannot import 'torch.optim.AdamWW'",
+        ),
+    ],
+)
+def test_bad_input_fails_before_training_with_a_clear_message(
+    extra, message, overrides, tmp_path, capsys
+):
+    out = tmp_path / "bad"
+    code, err = tune_run("abmll", out, overrides, *extra, capsys=capsys)
+    assert code == 2, err[-2000:]
+    assert message in err
+    assert not (out / "checkpoints").exists()
+
+
+def test_unwritable_output_dir_and_mismatched_checkpoint_are_reported(overrides, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, err = tune_run("abmll", blocker / "out", overrides, "epochs=1", capsys=capsys)
+    assert code == 2 and "output_dir:" in err and "is not writable" in err
+    out = tmp_path / "run"
+    assert (
+        tune_run("abmll", out, overrides, "epochs=1", "stop_after_visits=3", capsys=capsys)[0] == 0
+    )
+    code, err = tune_run(
+        "abmll",
+        out,
+        overrides,
+        "epochs=1",
+        "resume_from_checkpoint=true",
+        "model.lora_rank=4",
+        capsys=capsys,
+    )
+    assert code == 2 and "adapters.safetensors does not fit the model" in err
+
+
+def test_reptile_recipe_through_the_tune_cli_subprocess(overrides, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TIKTOKEN_CACHE_DIR": ""}
+    out = tmp_path / "reptile"
+    cmd = [
+        TUNE,
+        "run",
+        "recipes/reptile_single_device",
+        "--config",
+        "configs/tiny_cpu_reptile.yaml",
+        f"output_dir={out}",
+        *overrides,
+        "epochs=1",
+    ]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checkpoint {out}/checkpoints/latest" in result.stdout
+    assert (out / "checkpoints" / "epoch_0" / "adapter" / "adapter_model.safetensors").is_file()
