@@ -265,3 +265,38 @@ def load_training_checkpoint(
     state = torch.load(directory / "training_state.pt", weights_only=True)
     set_rng_state(state["rng"])
     return meta, state["learner"]
+
+
+def build_model_from_checkpoint(
+    model_cfg, checkpointer_cfg, *, device: torch.device, dtype: torch.dtype
+):
+    """Instantiate the config's model and load its base weights through the config's
+    torchtune checkpointer; returns ``(model, hf_config)``.
+
+    A checkpoint that does not fit the model (wrong builder or architecture) raises a
+    :class:`CheckpointError` naming the checkpoint directory; missing or unexpected base
+    keys fail torchtune's own LoRA validation. Adapters keep their initial values.
+    """
+    from torchtune import config, training
+    from torchtune.modules.peft import validate_missing_and_unexpected_for_lora
+
+    checkpointer = config.instantiate(checkpointer_cfg)
+    base_state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    with training.set_default_dtype(dtype), device:
+        model = config.instantiate(model_cfg)
+    try:
+        missing, unexpected = model.load_state_dict(base_state, strict=False)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{checkpointer_cfg.checkpoint_dir}: the checkpoint does not fit model "
+            f"{model_cfg._component_} ({str(err).splitlines()[-1].strip()}); use the builder "
+            "and architecture arguments of the model the checkpoint holds"
+        ) from None
+    validate_missing_and_unexpected_for_lora(
+        lora_attn_modules=list(model_cfg.get("lora_attn_modules", [])),
+        apply_lora_to_mlp=model_cfg.get("apply_lora_to_mlp", False),
+        apply_lora_to_output=model_cfg.get("apply_lora_to_output", False),
+        base_missing=missing,
+        base_unexpected=unexpected,
+    )
+    return model, getattr(checkpointer, "_config", {})

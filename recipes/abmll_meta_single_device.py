@@ -26,12 +26,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, modules, training, utils
 from torchtune.config._errors import ConfigError
-from torchtune.modules.peft import validate_missing_and_unexpected_for_lora
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from abmll_tune.checkpointing import (
     CheckpointError,
+    build_model_from_checkpoint,
     load_training_checkpoint,
     save_training_checkpoint,
 )
@@ -99,25 +99,8 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             self._resume(cfg)
 
     def _setup_model(self, cfg: DictConfig) -> torch.nn.Module:
-        checkpointer = config.instantiate(cfg.checkpointer)
-        self._checkpointer_config = getattr(checkpointer, "_config", {})
-        base_state = checkpointer.load_checkpoint()[training.MODEL_KEY]
-        with training.set_default_dtype(self._dtype), self._device:
-            model = config.instantiate(cfg.model)
-        try:
-            missing, unexpected = model.load_state_dict(base_state, strict=False)
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"{cfg.checkpointer.checkpoint_dir}: the checkpoint does not fit model "
-                f"{cfg.model._component_} ({str(err).splitlines()[-1].strip()}); use the builder "
-                "and architecture arguments of the model the checkpoint holds"
-            ) from None
-        validate_missing_and_unexpected_for_lora(
-            lora_attn_modules=list(cfg.model.get("lora_attn_modules", [])),
-            apply_lora_to_mlp=cfg.model.get("apply_lora_to_mlp", False),
-            apply_lora_to_output=cfg.model.get("apply_lora_to_output", False),
-            base_missing=missing,
-            base_unexpected=unexpected,
+        model, self._checkpointer_config = build_model_from_checkpoint(
+            cfg.model, cfg.checkpointer, device=self._device, dtype=self._dtype
         )
         if self._settings["enable_activation_checkpointing"]:
             training.set_activation_checkpointing(

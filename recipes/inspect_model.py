@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from torchtune import config, training, utils
-from torchtune.modules.peft import validate_missing_and_unexpected_for_lora
 
+from abmll_tune.checkpointing import build_model_from_checkpoint
 from abmll_tune.io import atomic_write_json
 from abmll_tune.modules import (
     ADAPTER_MODES,
@@ -45,20 +45,11 @@ class InspectModelRecipe:
 
     def setup(self) -> None:
         cfg = self._cfg
-        checkpointer = config.instantiate(cfg.checkpointer)
-        base_state = checkpointer.load_checkpoint()[training.MODEL_KEY]
-        with training.set_default_dtype(self._dtype), self._device:
-            self._model = config.instantiate(cfg.model)
-        missing, unexpected = self._model.load_state_dict(base_state, strict=False)
-        validate_missing_and_unexpected_for_lora(
-            lora_attn_modules=list(cfg.model.get("lora_attn_modules", [])),
-            apply_lora_to_mlp=cfg.model.get("apply_lora_to_mlp", False),
-            apply_lora_to_output=cfg.model.get("apply_lora_to_output", False),
-            base_missing=missing,
-            base_unexpected=unexpected,
+        self._model, _ = build_model_from_checkpoint(
+            cfg.model, cfg.checkpointer, device=self._device, dtype=self._dtype
         )
         self._layers = variational_lora_layers(self._model)
-        log.info(f"Loaded {len(base_state)} base tensors into {len(self._layers)} adapted layers")
+        log.info(f"Loaded the base model with {len(self._layers)} adapted layers")
 
     def run(self) -> dict:
         cfg, model = self._cfg, self._model
