@@ -38,10 +38,20 @@ format: install
 bench: install
 	$(BIN)/python bench/bench_layer.py --out bench_results/layer.json
 
+DEMO_EVAL = $(BIN)/tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml evaluation.seeds=[100]
+
 demo: data backbone
 	$(BIN)/tune run recipes/abmll_meta_single_device --config configs/tiny_cpu_abmll.yaml
-	@echo "Checkpoint: outputs/tiny_cpu_abmll/checkpoints/latest (PEFT adapter: .../adapter/)"
-	@echo "Logs:       outputs/tiny_cpu_abmll/logs/"
+	$(BIN)/tune run recipes/reptile_single_device --config configs/tiny_cpu_reptile.yaml
+	$(BIN)/tune run recipes/reptile_single_device --config configs/tiny_cpu_structured_lora.yaml
+	$(DEMO_EVAL) method=abmll adapter_checkpoint=outputs/tiny_cpu_abmll/checkpoints/best output_dir=outputs/demo_eval/abmll
+	$(DEMO_EVAL) method=reptile adapter_checkpoint=outputs/tiny_cpu_reptile/checkpoints/best output_dir=outputs/demo_eval/reptile
+	$(DEMO_EVAL) method=structured_lora adapter_checkpoint=outputs/tiny_cpu_structured_lora/checkpoints/best output_dir=outputs/demo_eval/structured_lora
+	$(DEMO_EVAL) method=pretrained adapter_checkpoint=null output_dir=outputs/demo_eval/pretrained
+	$(BIN)/python -m abmll_tune.report outputs/demo_eval outputs/tiny_cpu_abmll outputs/tiny_cpu_reptile outputs/tiny_cpu_structured_lora --out outputs/demo_report
+	@echo "ABMLL checkpoint: outputs/tiny_cpu_abmll/checkpoints/{latest,best} (PEFT adapter in adapter/)"
+	@echo "Logs:             outputs/tiny_cpu_abmll/logs/ (validation: outputs/tiny_cpu_abmll/validation.jsonl)"
+	@echo "Report:           outputs/demo_report/ (tables .md/.csv, figures .png)"
 
 backbone: install
 	$(BIN)/python -m abmll_tune.models.tiny --out outputs/tiny_backbone --vocab-size 768 --max-seq-len 256 --overwrite

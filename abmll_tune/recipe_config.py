@@ -82,6 +82,12 @@ SCHEMA: dict[str, Key] = {
     "compile": Key((bool,), False),
     "log_every_n_visits": Key((int,), 1, minimum=1),
     "log_peak_memory_stats": Key((bool,), True),
+    "validation": Key(
+        (dict,),
+        None,
+        nullable=True,
+        doc="few-shot validation after every epoch (and before the first)",
+    ),
 }
 # Component sections (``_component_`` + arguments), required or not.
 COMPONENTS = {
@@ -168,6 +174,13 @@ def check_recipe_config(cfg: DictConfig) -> dict[str, Any]:
         problems.append(
             f"prior_mu_var: {settings['prior_mu_var']!r} must be 'pretrained', 'sigma_floor' or a number"
         )
+    if settings.get("validation") is not None:
+        from abmll_tune.evaluation import eval_settings
+
+        try:
+            settings["validation"] = eval_settings(settings["validation"], part="validation")
+        except (ValueError, TypeError) as err:
+            problems.append(f"validation: {err}")
     if not problems:
         problems += _combination_problems(cfg, settings)
     if problems:

@@ -16,6 +16,7 @@ with Reptile's defaults).
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
@@ -37,7 +38,10 @@ from abmll_tune.checkpointing import (
 )
 from abmll_tune.data.loader import MetaTaskSampler, PooledBatchSampler, PooledVisits
 from abmll_tune.data.records import DataError
+from abmll_tune.evaluation import default_variant, evaluate_tasks
+from abmll_tune.io import atomic_write_text
 from abmll_tune.meta import MetaLearner
+from abmll_tune.metrics import summarize
 from abmll_tune.recipe_config import (
     RESUME_INVARIANTS,
     RecipeConfigError,
@@ -67,6 +71,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         self._epochs = self._settings["epochs"]
         self._visits_done = 0
         self._start_epoch, self._start_position = 0, 0
+        self._validation_history: list[dict] = []
 
     # ------------------------------------------------------------------ setup
 
@@ -149,6 +154,11 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         self._sampler.load_state_dict(meta["sampler"])
         self._start_epoch, self._start_position = self._sampler.resume_point()
         self._visits_done = meta["progress"]["visits"]
+        history = self._output_dir / "validation.jsonl"
+        if history.is_file():
+            self._validation_history = [
+                json.loads(line) for line in history.read_text().splitlines() if line.strip()
+            ]
         log.info(
             f"Resumed from {directory} at epoch {self._start_epoch}, visit {self._start_position}"
         )
@@ -171,18 +181,26 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             head_dim=c.get("head_dim"),
         )
 
-    def save_checkpoint(self, epoch: int, *, epoch_end: bool = False) -> Path:
-        """Write ``checkpoints/latest`` (and ``checkpoints/epoch_{epoch}`` at an epoch's end)."""
+    def save_checkpoint(
+        self, epoch: int, *, epoch_end: bool = False, best: dict | None = None
+    ) -> Path:
+        """Write ``checkpoints/latest`` (and ``checkpoints/epoch_{epoch}`` at an epoch's end),
+        or ``checkpoints/best`` when ``best`` (a validation row) is given."""
         root = self._output_dir / "checkpoints"
+        progress = {"epoch": epoch, "visits": self._visits_done, "epoch_end": epoch_end}
+        if best is not None:
+            progress["validation"] = best
         kwargs = dict(
             model=self._model,
             method=self._meta.method,
             learner_state=self._learner.state_dict(),
             sampler_state=self._sampler.state_dict(),
-            progress={"epoch": epoch, "visits": self._visits_done, "epoch_end": epoch_end},
+            progress=progress,
             config=OmegaConf.to_container(self._cfg, resolve=True),
             peft_kwargs=self._peft_kwargs(),
         )
+        if best is not None:
+            return save_training_checkpoint(root / "best", **kwargs)
         latest = save_training_checkpoint(root / "latest", **kwargs)
         if epoch_end and self._settings["keep_epoch_checkpoints"]:
             save_training_checkpoint(root / f"epoch_{epoch}", **kwargs)
@@ -190,9 +208,48 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
 
     # ------------------------------------------------------------------ train
 
+    def validate(self, validation_epoch: int) -> dict | None:
+        """Few-shot validation on the selection tasks' validation parts; keeps the best
+        (highest accuracy) adapters in ``checkpoints/best``. Epoch 0 is before training."""
+        settings = self._settings["validation"]
+        if settings is None:
+            return None
+        tasks = self._data.split.selection_tasks
+        tasks = tasks[: settings.max_tasks] if settings.max_tasks else tasks
+        rng = torch.get_rng_state()  # validation must not change the training's randomness
+        records = evaluate_tasks(
+            self._model, self._data, tasks, settings, method=self._meta.method, meta=self._meta
+        )
+        torch.set_rng_state(rng)
+        summary = summarize(records)
+        chosen = summary[f"{default_variant(self._meta.method)}@0"]["summary"]
+        row = {"epoch": validation_epoch, "visits": self._visits_done}
+        row.update({m: chosen[m]["mean"] for m in ("accuracy", "ece", "nll", "brier")})
+        row["variants"] = {
+            k: {m: v["summary"][m]["mean"] for m in ("accuracy", "ece")} for k, v in summary.items()
+        }
+        best_before = max((r["accuracy"] for r in self._validation_history), default=None)
+        self._validation_history.append(row)
+        atomic_write_text(
+            self._output_dir / "validation.jsonl",
+            "".join(json.dumps(r) + "\n" for r in self._validation_history),
+        )
+        self._metric_logger.log_dict(
+            {f"val/{m}": row[m] for m in ("accuracy", "ece", "nll", "brier")},
+            step=self._visits_done,
+        )
+        if best_before is None or row["accuracy"] > best_before:
+            self.save_checkpoint(max(validation_epoch - 1, 0), best=row)
+        log.info(
+            f"validation after epoch {validation_epoch}: accuracy {row['accuracy']:.3f}, ECE {row['ece']:.3f}"
+        )
+        return row
+
     def train(self) -> None:
         s = self._settings
         stop_after = s["stop_after_visits"]
+        if not self._validation_history and self._start_epoch == 0 and self._start_position == 0:
+            self.validate(0)
         for epoch in range(self._start_epoch, self._epochs):
             start = self._start_position if epoch == self._start_epoch else 0
             progress = tqdm(
@@ -218,6 +275,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                     )
                     return
             progress.close()
+            self.validate(epoch + 1)
             latest = self.save_checkpoint(epoch, epoch_end=True)
             log.info(f"Epoch {epoch + 1} done; checkpoint in {latest}")
 

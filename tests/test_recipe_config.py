@@ -8,11 +8,9 @@ from torchtune.config._validate import validate
 
 from abmll_tune.recipe_config import RecipeConfigError, check_recipe_config, meta_config
 
-CONFIGS = sorted(
-    p
-    for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
-    if "inspect" not in p.name
-)
+ALL = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = [p for p in ALL if "inspect" not in p.name and not p.stem.endswith("_eval")]
+EVAL_CONFIGS = [p for p in ALL if p.stem.endswith("_eval")]
 
 
 def test_the_shipped_configs_cover_the_papers_grid():
@@ -66,6 +64,16 @@ def test_every_config_passes_our_checks_and_tune_validate(path):
     if path.stem.endswith("literal"):
         assert cfg.model.std_param == "affine" and settings["prior_mu_var"] == "sigma_floor"
         assert settings["outer_grad"] == "kl_only" and settings["local_init"] == "global"
+
+
+@pytest.mark.parametrize("path", EVAL_CONFIGS, ids=lambda p: p.stem)
+def test_every_evaluation_config_is_valid(path):
+    from abmll_tune.evaluation import eval_settings
+
+    cfg = OmegaConf.load(path)
+    settings = eval_settings(OmegaConf.to_container(cfg.evaluation, resolve=True))
+    assert settings.adapt_steps == 5 and settings.part == "test" and 1 in settings.samples
+    validate(cfg)
 
 
 def test_the_generator_and_configs_agree():

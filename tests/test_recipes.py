@@ -5,20 +5,15 @@ tests do, to save the ~6-10 s of imports per run; one runs it as a subprocess.
 """
 
 import os
-import re
-import runpy
-import shutil
 import subprocess
-import sys
 from pathlib import Path
-from unittest.mock import patch
 
+import helpers
 import pytest
 import torch
+from helpers import REPO, TUNE, logged
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-TUNE = shutil.which("tune", path=str(Path(sys.executable).parent))
 RECIPE = {
     "abmll": "abmll_meta_single_device",
     "reptile": "reptile_single_device",
@@ -39,31 +34,12 @@ def overrides(embedded_source, embedded_split, embedded_backbone):
 
 
 def tune_run(method, out, overrides, *extra, config=None, capsys=None):
-    """Run `tune run` in-process; returns (exit code, stderr)."""
+    """Run a meta-training recipe in-process; returns (exit code, stderr)."""
     config = config or f"configs/tiny_cpu_{method}.yaml"
-    argv = [
-        "tune",
-        "run",
-        f"recipes/{RECIPE[method]}",
-        "--config",
-        config,
-        f"output_dir={out}",
-        *overrides,
-        *extra,
-    ]
-    code = 0
-    with patch.object(sys, "argv", argv):
-        try:
-            runpy.run_path(TUNE, run_name="__main__")
-        except SystemExit as exit_:
-            code = exit_.code or 0
-    err = capsys.readouterr().err if capsys else ""
+    code, _, err = helpers.tune_run(
+        RECIPE[method], config, f"output_dir={out}", *overrides, *extra, capsys=capsys
+    )
     return code, err
-
-
-def logged(out: Path, key: str) -> list[float]:
-    text = "".join(p.read_text() for p in sorted((out / "logs").glob("*.txt")))
-    return [float(v) for v in re.findall(rf"(?:^|\s){re.escape(key)}:(\S+)", text)]
 
 
 def final_adapters(out: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,345 @@
+"""Tables and figures from evaluation and training runs: the paper's results, from yours.
+
+    python -m abmll_tune.report outputs/eval outputs/tiny_cpu_abmll --out outputs/report
+
+Reads every ``results.json`` (from ``recipes/evaluate_few_shot``) and ``validation.jsonl``
+(from the meta-training recipes) under the given directories and writes, as Markdown
+and CSV:
+
+* ``main`` - accuracy and ECE (fraction) per method and split, mean +- SE over seeds
+  (ABMLL with one posterior sample, as in the paper; no pruning);
+* ``samples`` - ABMLL with each number of posterior samples and the posterior mean;
+* ``pruning`` - accuracy and ECE per method and pruning level;
+* ``beta_ablation`` - ABMLL runs by the beta they were trained with;
+
+and as PNG: accuracy and ECE over validation epochs per run (the paper's Figure 2),
+reliability diagrams per method, accuracy/ECE against pruning level and against the
+number of posterior samples. The main table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from abmll_tune.io import atomic_write_text
+from abmll_tune.metrics import pad_probs, reliability
+
+RESULTS_FORMAT = "abmll-tune-results"
+
+
+class ReportError(ValueError):
+    """Nothing to report, or result files that cannot be compared."""
+
+
+def find_runs(paths: list[str | os.PathLike]) -> tuple[list[dict], list[dict]]:
+    """(evaluation results, training validation histories) found under ``paths``."""
+    results, histories = [], []
+    for root in map(Path, paths):
+        if not root.exists():
+            raise ReportError(f"{root}: no such file or directory")
+        files = [root] if root.is_file() else sorted(root.rglob("*"))
+        for f in files:
+            if f.name == "results.json":
+                data = json.loads(f.read_text())
+                if data.get("format") != RESULTS_FORMAT or data.get("version") != 1:
+                    raise ReportError(
+                        f"{f}: not an abmll-tune results file (format {data.get('format')!r} v{data.get('version')})"
+                    )
+                data["_path"] = str(f)
+                results.append(data)
+            elif f.name == "validation.jsonl":
+                rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                if rows:
+                    histories.append({"run": f.parent.name, "rows": rows, "_path": str(f)})
+    if not results and not histories:
+        raise ReportError(
+            f"no results.json or validation.jsonl under {', '.join(map(str, paths))}: run recipes/evaluate_few_shot first"
+        )
+    _check_compatible(results)
+    return results, histories
+
+
+def _check_compatible(results: list[dict]) -> None:
+    """Runs compared in one table must share split part and protocol."""
+    by_split = defaultdict(list)
+    for r in results:
+        by_split[r["split"]].append(r)
+    for split, runs in by_split.items():
+        keys = {
+            (
+                r["part"],
+                tuple(r["settings"]["seeds"]),
+                r["settings"]["adapt_steps"],
+                tuple(r["tasks"]),
+            )
+            for r in runs
+        }
+        if len(keys) > 1:
+            detail = "; ".join(
+                f"{r['_path']}: part={r['part']}, seeds={r['settings']['seeds']}, adapt_steps={r['settings']['adapt_steps']}, {len(r['tasks'])} tasks"
+                for r in runs
+            )
+            raise ReportError(
+                f"results of split {split!r} were made with different protocols and cannot share a table: {detail}"
+            )
+
+
+def _label(r: dict, results: list[dict]) -> str:
+    same = [x for x in results if x["method"] == r["method"] and x["split"] == r["split"]]
+    return r["method"] if len(same) == 1 else f"{r['method']} ({r['run']})"
+
+
+def _fmt(m: dict) -> str:
+    return f"{m['mean']:.3f} +- {m['se']:.3f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def tables(results: list[dict]) -> dict[str, tuple[str, str]]:
+    """name -> (markdown, csv)."""
+    out = {}
+    splits = sorted({r["split"] for r in results})
+    labels = sorted({_label(r, results) for r in results})
+    cell = {}
+    for r in results:
+        key = f"{r['default_variant']}@0"
+        if key in r["metrics"]:
+            cell[(_label(r, results), r["split"])] = r["metrics"][key]["summary"]
+    header = ["method"] + [f"{s} {m}" for s in splits for m in ("accuracy", "ECE")]
+    rows = [
+        [label]
+        + [
+            _fmt(cell[(label, s)][m]) if (label, s) in cell else "-"
+            for s in splits
+            for m in ("accuracy", "ece")
+        ]
+        for label in labels
+    ]
+    out["main"] = _table(header, rows)
+    sample_rows = []
+    for r in results:
+        if r["method"] != "abmll":
+            continue
+        for m in r["metrics"].values():
+            if m["prune"] == 0:
+                sample_rows.append(
+                    [
+                        _label(r, results),
+                        r["split"],
+                        m["variant"],
+                        _fmt(m["summary"]["accuracy"]),
+                        _fmt(m["summary"]["ece"]),
+                    ]
+                )
+    if sample_rows:
+        out["samples"] = _table(["method", "split", "variant", "accuracy", "ECE"], sample_rows)
+    prune_rows = []
+    for r in results:
+        levels = sorted({m["prune"] for m in r["metrics"].values()})
+        if len(levels) > 1:
+            for level in levels:
+                m = r["metrics"].get(f"{r['default_variant']}@{level:g}")
+                if m:
+                    prune_rows.append(
+                        [
+                            _label(r, results),
+                            r["split"],
+                            f"{level:g}",
+                            _fmt(m["summary"]["accuracy"]),
+                            _fmt(m["summary"]["ece"]),
+                        ]
+                    )
+    if prune_rows:
+        out["pruning"] = _table(["method", "split", "pruned", "accuracy", "ECE"], prune_rows)
+    beta_rows = []
+    for r in sorted(
+        (r for r in results if r["method"] == "abmll" and "beta" in r.get("training", {})),
+        key=lambda r: (r["split"], -r["training"]["beta"]),
+    ):
+        m = r["metrics"].get("s1@0")
+        if m:
+            beta_rows.append(
+                [
+                    r["split"],
+                    f"{np.log10(r['training']['beta']) if r['training']['beta'] > 0 else float('-inf'):g}",
+                    r["run"],
+                    _fmt(m["summary"]["accuracy"]),
+                    _fmt(m["summary"]["ece"]),
+                ]
+            )
+    if len({row[1] for row in beta_rows}) > 1:
+        out["beta_ablation"] = _table(["split", "log10 beta", "run", "accuracy", "ECE"], beta_rows)
+    return out
+
+
+def _save_figure(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def figures(results: list[dict], histories: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if histories:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for h in histories:
+            epochs = [row["epoch"] for row in h["rows"]]
+            axes[0].plot(epochs, [row["accuracy"] for row in h["rows"]], marker="o", label=h["run"])
+            axes[1].plot(epochs, [row["ece"] for row in h["rows"]], marker="o", label=h["run"])
+        for ax, name in zip(axes, ("validation accuracy", "validation ECE"), strict=True):
+            ax.set_xlabel("epoch")
+            ax.set_title(name)
+        axes[0].legend(fontsize=7)
+        _save_figure(fig, out / "epochs.png")
+        plt.close(fig)
+        written.append(out / "epochs.png")
+    for r in results:
+        preds_path = Path(r["_path"]).with_name("predictions.jsonl")
+        if not preds_path.is_file():
+            continue
+        rows = [json.loads(line) for line in preds_path.read_text().splitlines() if line.strip()]
+        rows = [p for p in rows if p["variant"] == r["default_variant"] and p["prune"] == 0]
+        if not rows:
+            continue
+        rel = reliability(pad_probs([p["probs"] for p in rows]), [p["gold"] for p in rows])
+        centers = (rel["edges"][:-1] + rel["edges"][1:]) / 2
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.bar(
+            centers,
+            np.nan_to_num(rel["accuracy"]),
+            width=1 / len(centers),
+            edgecolor="black",
+            alpha=0.7,
+            label="accuracy",
+        )
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"reliability: {_label(r, results)}, {r['split']}", fontsize=9)
+        ax.legend(fontsize=7)
+        path = out / f"reliability_{r['run']}.png"
+        _save_figure(fig, path)
+        plt.close(fig)
+        written.append(path)
+    pruned = [r for r in results if len({m["prune"] for m in r["metrics"].values()}) > 1]
+    if pruned:
+        written.append(
+            _curve(
+                plt,
+                pruned,
+                results,
+                out / "pruning.png",
+                "pruned fraction",
+                lambda r: [
+                    (m["prune"], m)
+                    for m in r["metrics"].values()
+                    if m["variant"] == r["default_variant"]
+                ],
+            )
+        )
+    sampled = [
+        r
+        for r in results
+        if r["method"] == "abmll"
+        and any(m["variant"].startswith("s") for m in r["metrics"].values())
+    ]
+    if sampled:
+        written.append(
+            _curve(
+                plt,
+                sampled,
+                results,
+                out / "samples.png",
+                "posterior samples",
+                lambda r: [
+                    (int(m["variant"][1:]), m)
+                    for m in r["metrics"].values()
+                    if m["variant"].startswith("s") and m["prune"] == 0
+                ],
+            )
+        )
+    return written
+
+
+def _curve(plt, runs, results, path: Path, xlabel: str, points) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for r in runs:
+        pts = sorted(points(r), key=lambda p: p[0])
+        xs = [x for x, _ in pts]
+        for ax, metric in zip(axes, ("accuracy", "ece"), strict=True):
+            means = [m["summary"][metric]["mean"] for _, m in pts]
+            ses = [m["summary"][metric]["se"] for _, m in pts]
+            ax.errorbar(xs, means, yerr=ses, marker="o", capsize=3, label=_label(r, results))
+    for ax, metric in zip(axes, ("accuracy", "ECE"), strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_title(metric)
+    axes[0].legend(fontsize=7)
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict:
+    results, histories = find_runs(paths)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, (md, text) in tables(results).items() if results else []:
+        atomic_write_text(out / f"{name}.md", md)
+        atomic_write_text(out / f"{name}.csv", text)
+        written[name] = md
+    written["figures"] = [str(p) for p in figures(results, histories, out)]
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m abmll_tune.report", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "paths", nargs="+", help="directories (or files) holding results.json / validation.jsonl"
+    )
+    parser.add_argument("--out", required=True, help="directory for the tables and figures")
+    args = parser.parse_args(argv)
+    try:
+        written = write_report(args.paths, args.out)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if "main" in written:
+        print(written["main"])
+    print(
+        f"wrote {len([k for k in written if k != 'figures'])} tables and {len(written['figures'])} figures to {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

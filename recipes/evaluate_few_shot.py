@@ -1,0 +1,222 @@
+"""Few-shot evaluation on unseen tasks: adapt, score, report (method.md section 5).
+
+    tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml \\
+        method=abmll adapter_checkpoint=outputs/tiny_cpu_abmll/checkpoints/best
+    tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml method=pretrained
+
+Loads the base model through torchtune's checkpointer and, unless ``method:
+pretrained``, a meta-training checkpoint of any method (its saved config supplies the
+model and the method's objective). For every evaluation task and seed it adapts a fresh
+copy with the method's own objective and scores the held-out questions
+(:func:`abmll_tune.evaluation.evaluate_tasks`), then writes
+``{output_dir}/predictions.jsonl`` (task, example id, seed, variant, pruning level,
+option probabilities, gold) and ``{output_dir}/results.json`` (per-task and macro
+metrics, mean +- SE over seeds), and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training, utils
+from torchtune.config._errors import ConfigError
+from tqdm import tqdm
+
+from abmll_tune.checkpointing import (
+    CheckpointError,
+    build_model_from_checkpoint,
+    load_training_checkpoint,
+    read_checkpoint_meta,
+)
+from abmll_tune.data.records import DataError
+from abmll_tune.evaluation import (
+    chance_accuracy,
+    default_variant,
+    eval_settings,
+    evaluate_tasks,
+)
+from abmll_tune.io import atomic_write_json, atomic_write_text
+from abmll_tune.meta import METHODS
+from abmll_tune.metrics import summarize
+from abmll_tune.recipe_config import (
+    RecipeConfigError,
+    check_output_dir,
+    check_recipe_config,
+    meta_config,
+)
+
+log = utils.get_logger("INFO")
+KEYS = {
+    "output_dir",
+    "method",
+    "adapter_checkpoint",
+    "model",
+    "tokenizer",
+    "checkpointer",
+    "data",
+    "evaluation",
+    "seed",
+    "device",
+    "dtype",
+}
+RESULTS_FORMAT = "abmll-tune-results"
+
+
+class FewShotEvaluationRecipe:
+    """Adapt-then-score evaluation of one trained adapter (or none) on a split's tasks."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        problems = [f"{k}: unknown key (known: {sorted(KEYS)})" for k in cfg if k not in KEYS]
+        for key in ("output_dir", "method", "tokenizer", "checkpointer", "data"):
+            if key not in cfg:
+                problems.append(f"{key}: missing required key")
+        method = cfg.get("method")
+        if method not in (*METHODS, "pretrained"):
+            problems.append(f"method: {method!r} is not one of {[*METHODS, 'pretrained']}")
+        if method == "pretrained" and cfg.get("adapter_checkpoint"):
+            problems.append(
+                "adapter_checkpoint: method pretrained evaluates the base model; drop the checkpoint"
+            )
+        if method != "pretrained" and not cfg.get("adapter_checkpoint"):
+            problems.append(f"adapter_checkpoint: method {method!r} needs a checkpoint directory")
+        try:
+            self._settings = eval_settings(
+                OmegaConf.to_container(cfg.get("evaluation", {}), resolve=True)
+            )
+        except (ValueError, TypeError) as err:
+            problems.append(f"evaluation: {err}")
+        if problems:
+            raise RecipeConfigError(problems)
+        self._method = method
+        self._output_dir = check_output_dir(cfg.output_dir)
+        self._device = utils.get_device(device=cfg.get("device", "cpu"))
+        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+        training.set_seed(seed=cfg.get("seed", 0))
+
+    def setup(self, cfg: DictConfig) -> None:
+        self._checkpoint = cfg.get("adapter_checkpoint")
+        self._meta, self._epoch, model_cfg, self._train_config = None, None, cfg.get("model"), {}
+        if self._checkpoint:
+            saved = read_checkpoint_meta(self._checkpoint)
+            if saved["method"] != self._method:
+                raise CheckpointError(
+                    f"{self._checkpoint}: a checkpoint of method {saved['method']!r}, but method is {self._method!r}"
+                )
+            self._train_config = saved["config"]
+            self._meta = meta_config(check_recipe_config(OmegaConf.create(saved["config"])))
+            model_cfg = OmegaConf.create(saved["config"]["model"])
+            progress = saved["progress"]
+            self._epoch = (
+                progress["validation"]["epoch"]
+                if "validation" in progress
+                else progress.get("epoch")
+            )
+        elif model_cfg is None:
+            raise RecipeConfigError(["model: method pretrained needs a model section"])
+        self._model, _ = build_model_from_checkpoint(
+            model_cfg, cfg.checkpointer, device=self._device, dtype=self._dtype
+        )
+        if self._checkpoint:
+            load_training_checkpoint(self._checkpoint, self._model, self._method)
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._data = config.instantiate(cfg.data, tokenizer=self._tokenizer)
+        split = self._data.split
+        tasks = split.test_tasks if self._settings.part == "test" else split.selection_tasks
+        self._tasks = list(tasks[: self._settings.max_tasks] if self._settings.max_tasks else tasks)
+        self._check_task_sizes()
+
+    def _check_task_sizes(self) -> None:
+        s = self._settings
+        need = s.adapt_steps * s.adapt_batch_size
+        for task in self._tasks:
+            for seed in s.seeds:
+                support = self._data.split.support(task, seed)
+                heldout = getattr(self._data.split, s.part)(task)
+                if len(support) < need or not heldout:
+                    raise DataError(
+                        f"task {task!r} (seed {seed}) has {len(support)} support and {len(heldout)} "
+                        f"{s.part} examples; adaptation needs {s.adapt_steps} batches x "
+                        f"{s.adapt_batch_size} = {need} support examples and at least one held-out "
+                        "question: lower evaluation.adapt_steps or adapt_batch_size",
+                        self._data.split.root,
+                    )
+
+    def evaluate(self) -> dict:
+        s = self._settings
+        with tqdm(
+            total=len(self._tasks) * len(s.seeds), desc=f"evaluating {self._method}", unit="task"
+        ) as bar:
+            records = evaluate_tasks(
+                self._model,
+                self._data,
+                self._tasks,
+                s,
+                method=self._method,
+                meta=self._meta,
+                progress=bar,
+            )
+        results = {
+            "format": RESULTS_FORMAT,
+            "version": 1,
+            "method": self._method,
+            "run": self._output_dir.name,
+            "split": self._data.split.name,
+            "part": s.part,
+            "tasks": self._tasks,
+            "checkpoint": self._checkpoint,
+            "checkpoint_epoch": self._epoch,
+            "default_variant": default_variant(self._method),
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items()},
+            "training": {
+                k: self._train_config.get(k)
+                for k in ("beta", "gamma", "outer_grad", "seed", "epochs")
+                if k in self._train_config
+            },
+            "chance_accuracy": chance_accuracy(self._data, self._tasks, s.part),
+            "metrics": summarize(records),
+        }
+        atomic_write_text(
+            self._output_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records)
+        )
+        atomic_write_json(self._output_dir / "results.json", results)
+        return results
+
+
+def format_results(results: dict) -> str:
+    lines = [
+        f"{results['method']} on {results['split']} ({results['part']}, {len(results['tasks'])} tasks, "
+        f"seeds {results['settings']['seeds']}); chance {results['chance_accuracy']:.3f}",
+        f"{'variant':<14}{'accuracy':>18}{'ECE':>18}{'NLL':>10}{'Brier':>10}",
+    ]
+    for key, m in results["metrics"].items():
+        acc, ece = m["summary"]["accuracy"], m["summary"]["ece"]
+        lines.append(
+            f"{key:<14}{acc['mean']:>11.3f} +- {acc['se']:.3f}{ece['mean']:>11.3f} +- {ece['se']:.3f}"
+            f"{m['summary']['nll']['mean']:>10.3f}{m['summary']['brier']['mean']:>10.3f}"
+        )
+    return "\n".join(lines)
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="FewShotEvaluationRecipe", cfg=cfg)
+    start = time.perf_counter()
+    try:
+        recipe = FewShotEvaluationRecipe(cfg)
+        recipe.setup(cfg)
+    except (RecipeConfigError, CheckpointError, DataError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    with torch.inference_mode(False):
+        results = recipe.evaluate()
+    print(format_results(results))
+    print(f"done in {time.perf_counter() - start:.0f} s: {Path(cfg.output_dir) / 'results.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,378 @@
+"""Few-shot evaluation: option probabilities, fresh copies per task, pruning, best-epoch
+selection, the evaluation recipe, the report command and their bad inputs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import tune_run
+
+from abmll_tune.data.embedded import MODEL_VOCAB, llama3_tokenizer
+from abmll_tune.data.loader import TaskData, heldout_batches
+from abmll_tune.evaluation import EvalSettings, evaluate_tasks, option_probabilities, pruned
+from abmll_tune.metrics import all_metrics, pad_probs
+from abmll_tune.models import abmll_llama3
+from abmll_tune.modules import adapter_params_by_group
+from abmll_tune.report import ReportError, write_report
+
+ARCH = dict(
+    vocab_size=MODEL_VOCAB,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=64,
+    intermediate_dim=128,
+    max_seq_len=128,
+)
+
+
+@pytest.fixture(scope="module")
+def data(embedded_split, embedded_source):
+    return TaskData(embedded_split, llama3_tokenizer(embedded_source / "tokenizer"), max_seq_len=64)
+
+
+def model_for(method):
+    torch.manual_seed(0)
+    model = abmll_llama3(
+        variational=method == "abmll",
+        sampling="local" if method == "abmll" else "mean",
+        std_b_init_std=0.01,
+        **ARCH,
+    )
+    with torch.no_grad():
+        for p in adapter_params_by_group(model).values():
+            p.normal_(0, 0.02)
+    return model
+
+
+def test_option_probabilities_sum_to_one_over_each_questions_options(data):
+    _, heldout = data.eval_task("emb-test-00", 100, "test")
+    batch = heldout_batches(heldout[:8], batch_size=8)[0]
+    with torch.no_grad():
+        probs = option_probabilities(model_for("reptile"), batch)
+    n = (batch["option_ids"] >= 0).sum(1)
+    for row, k in zip(probs, n, strict=True):
+        assert torch.isclose(row[:k].sum(), torch.tensor(1.0)) and torch.isnan(row[k:]).all()
+
+
+@pytest.mark.parametrize("method", ["abmll", "reptile"])
+def test_tasks_start_from_a_fresh_copy_so_order_does_not_matter(data, method):
+    model = model_for(method)
+    before = {k: v.clone() for k, v in adapter_params_by_group(model).items()}
+    settings = EvalSettings(seeds=(100, 13), adapt_steps=3, samples=(1, 3), eval_batch_size=32)
+    tasks = ["emb-test-00", "emb-test-01", "emb-test-02"]
+    forward = evaluate_tasks(model, data, tasks, settings, method=method)
+    backward = evaluate_tasks(model, data, list(reversed(tasks)), settings, method=method)
+    key = lambda r: (r["task"], r["seed"], r["variant"], r["id"])  # noqa: E731
+    assert sorted(forward, key=key) == sorted(backward, key=key)
+    assert all(
+        torch.equal(before[k], v) for k, v in adapter_params_by_group(model).items()
+    )  # restored
+    variants = {r["variant"] for r in forward}
+    assert variants == ({"s1", "s3", "mean"} if method == "abmll" else {"mean"})
+    # adaptation does something: without it, the predictions differ
+    untouched = evaluate_tasks(
+        model, data, tasks[:1], EvalSettings(seeds=(100,), adapt_steps=0), method=method
+    )
+    adapted = [
+        r for r in forward if r["task"] == tasks[0] and r["seed"] == 100 and r["variant"] == "mean"
+    ]
+    assert [r["probs"] for r in untouched if r["variant"] == "mean"] != [
+        r["probs"] for r in adapted
+    ]
+
+
+def test_pruning_zero_is_no_pruning_and_levels_zero_the_requested_fraction(data):
+    model = model_for("reptile")
+    _, heldout = data.eval_task("emb-test-00", 100, "test")
+    batch = heldout_batches(heldout[:4], batch_size=4)[0]
+    with torch.no_grad():
+        plain = model(batch["tokens"])
+        with pruned(model, 0.0):
+            torch.testing.assert_close(model(batch["tokens"]), plain, rtol=0, atol=0)
+    captured = []  # what the second layer receives: the first layer's pruned output
+    hook = model.layers[1].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    with torch.no_grad(), pruned(model, 0.3):
+        model(batch["tokens"])
+    hook.remove()
+    zeros = (captured[0] == 0).sum(-1)
+    assert bool((zeros == round(0.3 * 64)).all())
+    layer = model.layers[0].attn.q_proj
+    original = layer.weight.detach().clone()
+    with pruned(model, 0.25, "weight"):
+        assert (layer.weight == 0).float().mean().item() == pytest.approx(
+            0.25, abs=1 / layer.weight.numel()
+        )
+        kept = layer.weight != 0
+        assert original[kept].abs().min() >= original[~kept].abs().max()
+    assert torch.equal(layer.weight, original)
+
+
+@pytest.fixture(scope="module")
+def trained(embedded_source, embedded_split, embedded_backbone, tmp_path_factory):
+    """A short Structured LoRA run with validation after every epoch."""
+    out = tmp_path_factory.mktemp("trained") / "structured"
+    tok = embedded_source / "tokenizer"
+    common = [
+        f"tokenizer.path={tok / 'tokenizer.model'}",
+        f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",
+        f"checkpointer.checkpoint_dir={embedded_backbone}",
+        f"data.path={embedded_split}",
+    ]
+    code, _, err = tune_run(
+        "reptile_single_device",
+        "configs/tiny_cpu_structured_lora.yaml",
+        f"output_dir={out}",
+        *common,
+        "epochs=3",
+        "validation.max_tasks=4",
+    )
+    assert code == 0, err[-3000:]
+    return out, common
+
+
+def test_best_validation_epoch_is_kept(trained):
+    out, _ = trained
+    rows = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]  # epoch 0 (before training) included
+    best = max(rows, key=lambda r: r["accuracy"])
+    meta = json.loads((out / "checkpoints" / "best" / "meta.json").read_text())
+    assert meta["progress"]["validation"]["epoch"] == best["epoch"]
+    assert meta["progress"]["validation"]["accuracy"] == best["accuracy"]
+
+
+def test_evaluation_recipe_writes_per_task_files_and_macro_is_the_task_average(
+    trained, tmp_path, capsys
+):
+    out, common = trained
+    ev = tmp_path / "eval"
+    code, stdout, err = tune_run(
+        "evaluate_few_shot",
+        "configs/tiny_cpu_eval.yaml",
+        f"output_dir={ev}",
+        *common,
+        "method=structured_lora",
+        f"adapter_checkpoint={out / 'checkpoints' / 'best'}",
+        "evaluation.seeds=[100,13]",
+        "evaluation.max_tasks=3",
+        "evaluation.pruning_levels=[0.0,0.2]",
+        capsys=capsys,
+    )
+    assert code == 0, err[-3000:]
+    results = json.loads((ev / "results.json").read_text())
+    preds = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
+    assert {"task", "id", "seed", "variant", "prune", "probs", "gold"} <= set(preds[0])
+    assert set(results["metrics"]) == {"mean@0", "mean@0.2"}
+    m = results["metrics"]["mean@0"]
+    for seed in ("100", "13"):
+        for task in results["tasks"]:
+            rows = [
+                p
+                for p in preds
+                if p["task"] == task
+                and str(p["seed"]) == seed
+                and p["variant"] == "mean"
+                and p["prune"] == 0
+            ]
+            assert m["per_task"][seed][task] == pytest.approx(
+                all_metrics(pad_probs([r["probs"] for r in rows]), [r["gold"] for r in rows])
+            )
+        assert m["macro"][seed]["accuracy"] == pytest.approx(
+            np.mean([m["per_task"][seed][t]["accuracy"] for t in results["tasks"]])
+        )
+    assert "structured_lora on embedded" in stdout and 0.2 < results["chance_accuracy"] < 0.5
+
+
+def test_evaluation_bad_inputs(trained, tmp_path, capsys, tiny_llama3_checkpoint):
+    out, common = trained
+    best = f"adapter_checkpoint={out / 'checkpoints' / 'best'}"
+    code, _, err = tune_run(
+        "evaluate_few_shot",
+        "configs/tiny_cpu_eval.yaml",
+        f"output_dir={tmp_path / 'a'}",
+        *common,
+        "method=structured_lora",
+        best,
+        "evaluation.adapt_steps=20",
+        capsys=capsys,
+    )
+    assert code == 2 and "adaptation needs 20 batches x 2 = 40 support examples" in err
+    code, _, err = tune_run(
+        "evaluate_few_shot",
+        "configs/tiny_cpu_eval.yaml",
+        f"output_dir={tmp_path / 'b'}",
+        *common,
+        "method=abmll",
+        best,
+        capsys=capsys,
+    )
+    assert code == 2 and "a checkpoint of method 'structured_lora', but method is 'abmll'" in err
+    code, _, err = tune_run(
+        "evaluate_few_shot",
+        "configs/tiny_cpu_eval.yaml",
+        f"output_dir={tmp_path / 'c'}",
+        *common,
+        "method=structured_lora",
+        best,
+        f"checkpointer.checkpoint_dir={tiny_llama3_checkpoint}",
+        capsys=capsys,
+    )
+    assert code == 2 and "the checkpoint does not fit model" in err
+    code, _, err = tune_run(
+        "evaluate_few_shot",
+        "configs/tiny_cpu_eval.yaml",
+        f"output_dir={tmp_path / 'd'}",
+        *common,
+        "method=structured_lora",
+        best,
+        "evaluation.samplez=[1]",
+        capsys=capsys,
+    )
+    assert code == 2 and "unknown evaluation keys ['samplez']" in err
+
+
+def fake_results(
+    path,
+    method,
+    run,
+    split="embedded",
+    seeds=(100, 13),
+    acc=(0.5, 0.7),
+    prune_levels=(0.0,),
+    beta=None,
+):
+    metrics = {}
+    variant = "s1" if method == "abmll" else "mean"
+    for level in prune_levels:
+        summary = {
+            m: {"mean": a, "se": 0.1}
+            for m, a in (
+                ("accuracy", np.mean(acc) - level),
+                ("ece", 0.2 + level),
+                ("mce", 0.3),
+                ("nll", 1.0),
+                ("brier", 0.5),
+            )
+        }
+        metrics[f"{variant}@{level:g}"] = {
+            "variant": variant,
+            "prune": level,
+            "summary": summary,
+            "per_task": {},
+            "macro": {},
+        }
+    results = {
+        "format": "abmll-tune-results",
+        "version": 1,
+        "method": method,
+        "run": run,
+        "split": split,
+        "part": "test",
+        "tasks": ["t1", "t2"],
+        "checkpoint": None,
+        "checkpoint_epoch": 2,
+        "default_variant": variant,
+        "settings": {"seeds": list(seeds), "adapt_steps": 5},
+        "training": {"beta": beta} if beta else {},
+        "chance_accuracy": 0.36,
+        "metrics": metrics,
+    }
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(results))
+
+
+def test_report_turns_result_files_into_tables_and_figures(tmp_path):
+    runs = tmp_path / "runs"
+    fake_results(runs / "a", "abmll", "a", prune_levels=(0.0, 0.1))
+    fake_results(runs / "b", "reptile", "b")
+    (runs / "train").mkdir()
+    (runs / "train" / "validation.jsonl").write_text(
+        "".join(
+            json.dumps({"epoch": e, "accuracy": 0.4 + e / 10, "ece": 0.3}) + "\n" for e in range(3)
+        )
+    )
+    written = write_report([runs], tmp_path / "report")
+    assert written["main"].splitlines()[2] == "| abmll | 0.600 +- 0.100 | 0.200 +- 0.100 |"
+    assert written["main"].splitlines()[3] == "| reptile | 0.600 +- 0.100 | 0.200 +- 0.100 |"
+    assert "| abmll | embedded | 0.1 | 0.500 +- 0.100 | 0.300 +- 0.100 |" in written["pruning"]
+    csv_text = (tmp_path / "report" / "main.csv").read_text()
+    assert csv_text.splitlines()[0] == "method,embedded accuracy,embedded ECE"
+    for name in ("epochs.png", "pruning.png", "samples.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 1000
+
+
+def test_report_beta_ablation_table(tmp_path):
+    for beta in (1.0, 1e-8):
+        fake_results(tmp_path / f"beta_{beta:g}", "abmll", f"beta_{beta:g}", beta=beta)
+    written = write_report([tmp_path], tmp_path / "report")
+    assert (
+        "| embedded | 0 | beta_1 |" in written["beta_ablation"]
+        and "| embedded | -8 | beta_1e-08 |" in written["beta_ablation"]
+    )
+
+
+def test_report_rejects_empty_and_incompatible_inputs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="no results.json or validation.jsonl"):
+        write_report([tmp_path / "empty"], tmp_path / "r")
+    fake_results(tmp_path / "mixed" / "a", "abmll", "a", seeds=(100,))
+    fake_results(tmp_path / "mixed" / "b", "reptile", "b", seeds=(100, 13))
+    with pytest.raises(ReportError, match="different protocols"):
+        write_report([tmp_path / "mixed"], tmp_path / "r")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text(json.dumps({"format": "lm-eval"}))
+    with pytest.raises(ReportError, match="not an abmll-tune results file"):
+        write_report([tmp_path / "other"], tmp_path / "r")
+
+
+def test_sweep_writes_one_directory_per_run_and_resumes(
+    embedded_source, embedded_split, embedded_backbone, tmp_path
+):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    tok = embedded_source / "tokenizer"
+    paths = [
+        f"tokenizer.path={tok / 'tokenizer.model'}",
+        f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",
+        f"checkpointer.checkpoint_dir={embedded_backbone}",
+        f"data.path={embedded_split}",
+    ]
+    evals = [
+        f"--eval-override={p}"
+        for p in paths
+        + ["evaluation.max_tasks=2", "evaluation.seeds=[100]", "evaluation.samples=[1]"]
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "abmll_tune.sweep",
+        "--config",
+        "configs/tiny_cpu_abmll.yaml",
+        "--eval-config",
+        "configs/tiny_cpu_eval.yaml",
+        "--out",
+        str(tmp_path / "sweep"),
+        "--log10-betas",
+        "0,-8",
+        "--seeds",
+        "0",
+        *evals,
+        "--",
+        *paths,
+        "epochs=1",
+        "stop_after_visits=4",
+        "validation.max_tasks=2",
+    ]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir())
+    assert runs == ["beta_1_seed_0", "beta_1e-08_seed_0"]
+    for run in runs:
+        results = json.loads((tmp_path / "sweep" / run / "eval" / "results.json").read_text())
+        assert results["training"]["beta"] == (1.0 if run.startswith("beta_1_") else 1e-8)
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 2
