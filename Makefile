@@ -37,6 +37,7 @@ format: install
 
 bench: install
 	$(BIN)/python bench/bench_layer.py --out bench_results/layer.json
+	$(BIN)/python bench/bench_methods.py --out bench_results/methods
 
 DEMO_EVAL = $(BIN)/tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml evaluation.seeds=[100]
 

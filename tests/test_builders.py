@@ -141,3 +141,25 @@ def test_hf_checkpoint_loads_into_abmll_model(
     # adapter keys are what torchtune's adapter utilities expect
     adapter_keys = set(get_adapter_state_dict(model.state_dict()))
     assert adapter_keys == set(get_adapter_params(model)) == set(missing)
+
+
+def test_backbone_pretraining_lowers_the_lm_loss_deterministically(embedded_source):
+    from abmll_tune.data.embedded import MODEL_VOCAB, llama3_tokenizer, task_names
+    from abmll_tune.models.pretrain import pretrain, pretraining_texts
+    from abmll_tune.models.tiny import build_tiny_base
+
+    texts = pretraining_texts(40)
+    assert any(t.startswith("Return the label") for t in texts) and any(
+        "Question" not in t for t in texts
+    )
+    suite_tasks = {n for names in task_names().values() for n in names}
+    assert not any(
+        name in " ".join(texts) for name in suite_tasks
+    )  # fresh tasks, never the suite's
+    tok = llama3_tokenizer(embedded_source / "tokenizer")
+    runs = []
+    for _ in range(2):
+        model = build_tiny_base("llama3", 0, vocab_size=MODEL_VOCAB, max_seq_len=256)
+        runs.append(pretrain(model, tok, steps=60, batch_size=8, log=None))
+    assert runs[0] == runs[1]
+    assert sum(runs[0][-10:]) / 10 < sum(runs[0][:10]) / 10 - 1.0

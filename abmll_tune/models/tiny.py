@@ -47,12 +47,26 @@ def build_tiny_base(family: str = "llama3", seed: int = 0, **overrides) -> Trans
 
 
 def write_tiny_checkpoint(
-    out: str | Path, family: str = "llama3", seed: int = 0, overwrite: bool = False, **overrides
+    out: str | Path,
+    family: str = "llama3",
+    seed: int = 0,
+    overwrite: bool = False,
+    pretrain_steps: int = 0,
+    tokenizer=None,
+    **overrides,
 ) -> Path:
-    """Build a tiny base model and write it as an HF checkpoint directory; returns it."""
+    """Build a tiny base model (pre-trained for ``pretrain_steps`` on the embedded suite's
+    language with ``tokenizer``, see :mod:`abmll_tune.models.pretrain`) and write it as an
+    HF checkpoint directory; returns it."""
     model_type, _, arch = FAMILIES[family]
     arch = {**arch, **overrides}
     model = build_tiny_base(family, seed, **overrides)
+    if pretrain_steps:
+        from abmll_tune.models.pretrain import pretrain
+
+        if tokenizer is None:
+            raise ValueError("pre-training needs the embedded suite's tokenizer")
+        pretrain(model, tokenizer, steps=pretrain_steps, seed=seed)
     return write_hf_checkpoint(
         model.state_dict(),
         out,
@@ -84,14 +98,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-seq-len", type=int, default=None, help="RoPE table length (default 64)"
     )
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=0,
+        help="LM pre-training steps on the embedded suite (0: random)",
+    )
+    parser.add_argument(
+        "--tokenizer-dir",
+        default=None,
+        help="the embedded suite's tokenizer/ (for --pretrain-steps)",
+    )
     args = parser.parse_args(argv)
     overrides = {}
     if args.vocab_size:
         overrides["vocab_size"] = args.vocab_size
     if args.max_seq_len:
         overrides["max_seq_len"] = args.max_seq_len
+    tokenizer = None
+    if args.pretrain_steps:
+        if not args.tokenizer_dir:
+            parser.error("--pretrain-steps needs --tokenizer-dir (the embedded suite's tokenizer/)")
+        from abmll_tune.data.embedded import llama3_tokenizer
+
+        tokenizer = llama3_tokenizer(args.tokenizer_dir)
+    if Path(args.out).exists() and not args.overwrite:
+        parser.exit(2, f"error: {args.out} exists; rerun with --overwrite to replace it\n")
     try:
-        path = write_tiny_checkpoint(args.out, args.family, args.seed, args.overwrite, **overrides)
+        path = write_tiny_checkpoint(
+            args.out,
+            args.family,
+            args.seed,
+            args.overwrite,
+            args.pretrain_steps,
+            tokenizer,
+            **overrides,
+        )
     except FileExistsError:
         parser.exit(2, f"error: {args.out} exists; rerun with --overwrite to replace it\n")
     print(f"wrote a tiny {args.family} HF checkpoint to {path}")

@@ -1,0 +1,247 @@
+"""Does meta-learning pay off? Every method on the embedded suite, the paper's protocol.
+
+    python bench/bench_methods.py --out bench_results/methods      (part of make bench)
+
+Prepares the embedded suite and a briefly pre-trained tiny Llama3 (the backbone must
+know the format, not the tasks), then for each method and training seed: meta-trains
+with validation after every epoch (epoch 0 included), evaluates the best-validation
+checkpoint few-shot on the 30 held-out test tasks (5 steps on 5 support batches of 2),
+and reports accuracy, ECE, NLL and Brier as mean +- SE over the three (training seed,
+support seed) pairs; ABMLL also with 10 posterior samples and the posterior mean. Runs
+go two at a time on single-thread workers (for models this small that doubles
+throughput). A finished run is skipped when the command is repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TUNE = shutil.which("tune", path=str(Path(sys.executable).parent)) or "tune"
+SUPPORT_SEEDS = (100, 13, 21)
+
+# name -> (training config, overrides); None for the pretrained backbone alone
+METHODS: dict[str, tuple[str, list[str]] | None] = {
+    "pretrained": None,
+    "lora": ("tiny_cpu_lora", ["epochs=2"]),
+    "structured_lora": ("tiny_cpu_structured_lora", []),
+    "reptile": ("tiny_cpu_reptile", []),
+    "abmll": ("tiny_cpu_abmll", []),
+    "abmll_first_order": ("tiny_cpu_abmll", ["outer_grad=first_order"]),
+    "abmll_kl_only": ("tiny_cpu_abmll", ["outer_grad=kl_only"]),
+    "abmll_v1": ("tiny_cpu_abmll", ["beta=5e-10", "gamma=1e-6", "model.std_b_init_std=0.0"]),
+    "reptile_metaicl": ("tiny_cpu_reptile_metaicl", []),
+    "abmll_metaicl": ("tiny_cpu_abmll_metaicl", []),
+}
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TIKTOKEN_CACHE_DIR": "", "OMP_NUM_THREADS": "1"}
+    with open(log, "a") as f:
+        f.write("+ " + " ".join(cmd) + "\n")
+        f.flush()
+        subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
+
+
+def one_run(name: str, seed_index: int, out: Path, common: list[str], epochs: int) -> Path:
+    run = out / f"{name}_seed{seed_index}"
+    results = run / "eval" / "results.json"
+    if results.is_file():
+        return results
+    run.mkdir(parents=True, exist_ok=True)
+    log = run / "bench.log"
+    spec = METHODS[name]
+    eval_common = [
+        "evaluation.seeds=[%d]" % SUPPORT_SEEDS[seed_index],
+        "evaluation.samples=[1,10]",
+        f"output_dir={run / 'eval'}",
+        *common,
+    ]
+    if spec is None:
+        _run(
+            [
+                TUNE,
+                "run",
+                "recipes/evaluate_few_shot",
+                "--config",
+                "configs/tiny_cpu_eval.yaml",
+                "method=pretrained",
+                "adapter_checkpoint=null",
+                *eval_common,
+            ],
+            log,
+        )
+        return results
+    config, overrides = spec
+    method = (
+        "abmll"
+        if config.startswith("tiny_cpu_abmll")
+        else {"tiny_cpu_lora": "lora", "tiny_cpu_structured_lora": "structured_lora"}.get(
+            config, "reptile"
+        )
+    )
+    recipe = "abmll_meta_single_device" if method == "abmll" else "reptile_single_device"
+    training = [
+        f"output_dir={run}",
+        f"seed={seed_index}",
+        f"epochs={epochs}",
+        "validation.max_tasks=8",
+        *common,
+        *overrides,
+    ]
+    if (run / "checkpoints" / "latest").is_dir():
+        training.append("resume_from_checkpoint=true")
+    _run([TUNE, "run", f"recipes/{recipe}", "--config", f"configs/{config}.yaml", *training], log)
+    _run(
+        [
+            TUNE,
+            "run",
+            "recipes/evaluate_few_shot",
+            "--config",
+            "configs/tiny_cpu_eval.yaml",
+            f"method={method}",
+            f"adapter_checkpoint={run / 'checkpoints' / 'best'}",
+            *eval_common,
+        ],
+        log,
+    )
+    return results
+
+
+def prepare(out: Path, pretrain_steps: int) -> list[str]:
+    data = out / "data"
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": ""}
+    if not (data / "embedded" / "manifest.json").is_file():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "abmll_tune.data",
+                "embedded",
+                "--out",
+                str(data / "embedded_src"),
+            ],
+            check=True,
+            env=env,
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "abmll_tune.data",
+                "build",
+                "--quiet",
+                "--split",
+                "embedded",
+                "--source",
+                str(data / "embedded_src"),
+                "--out",
+                str(data / "embedded"),
+            ],
+            check=True,
+            env=env,
+        )
+    backbone = out / "backbone"
+    if not (backbone / "model.safetensors").is_file():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "abmll_tune.models.tiny",
+                "--out",
+                str(backbone),
+                "--vocab-size",
+                "768",
+                "--max-seq-len",
+                "256",
+                "--pretrain-steps",
+                str(pretrain_steps),
+                "--tokenizer-dir",
+                str(data / "embedded_src" / "tokenizer"),
+            ],
+            check=True,
+            env=env,
+        )
+    tok = data / "embedded_src" / "tokenizer"
+    return [
+        f"tokenizer.path={tok / 'tokenizer.model'}",
+        f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",
+        f"checkpointer.checkpoint_dir={backbone}",
+        f"data.path={data / 'embedded'}",
+    ]
+
+
+def summarize(out: Path, names: list[str], n_seeds: int) -> dict:
+    from abmll_tune.metrics import mean_and_se
+
+    table = {}
+    for name in names:
+        rows = [
+            json.loads((out / f"{name}_seed{i}" / "eval" / "results.json").read_text())
+            for i in range(n_seeds)
+        ]
+        for key in rows[0]["metrics"]:
+            if not key.endswith("@0"):
+                continue
+            values = {
+                m: mean_and_se(next(iter(r["metrics"][key]["macro"].values()))[m] for r in rows)
+                for m in ("accuracy", "ece", "nll", "brier")
+            }
+            label = name if key in (f"{rows[0]['default_variant']}@0",) else f"{name} [{key[:-2]}]"
+            table[label] = {m: {"mean": v[0], "se": v[1]} for m, v in values.items()}
+            table[label]["best_epochs"] = [r["checkpoint_epoch"] for r in rows]
+        table.setdefault("_chance", {"accuracy": rows[0]["chance_accuracy"]})
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench_results/methods"))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    out = args.out.resolve()
+    start = time.perf_counter()
+    common = prepare(out, args.pretrain_steps)
+    names = args.methods.split(",")
+    jobs = [(n, i) for n in names for i in range(args.seeds)]
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for future in [pool.submit(one_run, n, i, out, common, args.epochs) for n, i in jobs]:
+            future.result()
+    table = summarize(out, names, args.seeds)
+    chance = table.pop("_chance")["accuracy"]
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "pretrain_steps": args.pretrain_steps,
+        "minutes": (time.perf_counter() - start) / 60,
+        "chance_accuracy": chance,
+        "methods": table,
+    }
+    from abmll_tune.io import atomic_write_json
+
+    atomic_write_json(out / "methods.json", report)
+    print(
+        f"\nEmbedded suite, 30 held-out tasks, {args.seeds} seeds, best-validation epoch of {args.epochs}; chance {chance:.3f} ({report['minutes']:.0f} min)"
+    )
+    print(f"{'method':<34}{'accuracy':>16}{'ECE':>16}{'NLL':>9}{'Brier':>9}  best epochs")
+    for label, m in table.items():
+        print(
+            f"{label:<34}{m['accuracy']['mean']:>9.3f} +- {m['accuracy']['se']:.3f}{m['ece']['mean']:>9.3f} +- {m['ece']['se']:.3f}{m['nll']['mean']:>9.3f}{m['brier']['mean']:>9.3f}  {m['best_epochs']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
