@@ -60,6 +60,10 @@ def _current_rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
+    # VmHWM is this process's own high-water mark (ru_maxrss inherits the parent's on Linux)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

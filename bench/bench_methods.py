@@ -60,7 +60,7 @@ def one_run(name: str, seed_index: int, out: Path, common: list[str], epochs: in
     log = run / "bench.log"
     spec = METHODS[name]
     eval_common = [
-        "evaluation.seeds=[%d]" % SUPPORT_SEEDS[seed_index],
+        f"evaluation.seeds=[{SUPPORT_SEEDS[seed_index]}]",
         "evaluation.samples=[1,10]",
         f"output_dir={run / 'eval'}",
         *common,

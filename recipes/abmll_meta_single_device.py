@@ -42,6 +42,7 @@ from abmll_tune.evaluation import default_variant, evaluate_tasks
 from abmll_tune.io import atomic_write_text
 from abmll_tune.meta import MetaLearner
 from abmll_tune.metrics import summarize
+from abmll_tune.modules import sigma_summary
 from abmll_tune.recipe_config import (
     RESUME_INVARIANTS,
     RecipeConfigError,
@@ -285,6 +286,9 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         out["epoch"] = visit.epoch
         for group in self._learner.inner_optimizer.param_groups:
             out[f"lr/inner_{group.get('name', 'all')}"] = group["lr"]
+        if self._meta.method == "abmll":  # how far sigma_theta moved from its floor c
+            sigma = sigma_summary(self._model, "global")
+            out.update({"sigma_theta/mean": sigma["mean"], "sigma_theta/max": sigma["max"]})
         if self._settings["log_peak_memory_stats"]:
             if self._device.type == "cuda":
                 out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self._device) / 2**30

@@ -110,15 +110,18 @@ def _loop(method: str, paper: bool, overrides: dict) -> dict:
     }
     if method in ("abmll", "reptile"):
         loop["local_init"] = overrides.get("local_init", "global")
-    loop["inner_lr_mean"] = 5.0e-5 if paper else 1.0e-3
+    # CPU: 1e-2 is the rate at which 5 steps adapt the pre-trained tiny backbone (chosen on the
+    # validation tasks: 1e-3 left it at chance); the LoRA baselines train longer, at 1e-3.
+    tiny_inner = 1.0e-2 if method in ("abmll", "reptile") else 1.0e-3
+    loop["inner_lr_mean"] = 5.0e-5 if paper else tiny_inner
     if method == "abmll":
         loop.update(
-            inner_lr_std=1.0e-5 if paper else 1.0e-4,
+            inner_lr_std=1.0e-5 if paper else 1.0e-3,
             outer_grad=overrides.get("outer_grad", "reptile"),
             outer_step_mean=0.1 if paper else 0.3,
             outer_step_std=0.1 if paper else 0.3,
-            outer_lr_mean=1.0e-5 if paper else 1.0e-3,
-            outer_lr_std=1.0e-6 if paper else 1.0e-4,
+            outer_lr_mean=1.0e-5 if paper else 1.0e-2,
+            outer_lr_std=1.0e-6 if paper else 1.0e-3,
             beta=5.0e-10 if paper else 1.0e-6,
             gamma=1.0e-6,
             prior_mu_var=overrides.get("prior_mu_var", "pretrained"),
@@ -212,8 +215,8 @@ def build(
         "seeds": [100],
         "adapt_steps": 5,
         "adapt_batch_size": 2,
-        "adapt_lr_mean": cfg["inner_lr_mean"],
-        "adapt_lr_std": cfg.get("inner_lr_std", 1.0e-4),
+        "adapt_lr_mean": 5.0e-5 if paper else 1.0e-2,  # one test-adaptation rate for every method
+        "adapt_lr_std": 1.0e-5 if paper else 1.0e-3,
         "eval_batch_size": 8 if paper else 32,
         "samples": [1],
         "max_tasks": None,
@@ -264,8 +267,8 @@ def build_eval(name: str, *, paper_model: str | None, split: str) -> str:
             "seeds": [100, 13, 21],
             "adapt_steps": 5,
             "adapt_batch_size": 2,
-            "adapt_lr_mean": 5.0e-5 if paper else 1.0e-3,
-            "adapt_lr_std": 1.0e-5 if paper else 1.0e-4,
+            "adapt_lr_mean": 5.0e-5 if paper else 1.0e-2,
+            "adapt_lr_std": 1.0e-5 if paper else 1.0e-3,
             "eval_batch_size": 8 if paper else 32,
             "samples": [1, 10],
             "pruning_levels": [0.0],

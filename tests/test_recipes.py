@@ -62,7 +62,7 @@ def test_each_method_trains_end_to_end(method, extra, overrides, tmp_path, capsy
     nll = logged(out, "nll")
     assert len(nll) >= 40 and all(v == v and abs(v) < 1e6 for v in nll)
     first, last = sum(nll[:10]) / 10, sum(nll[-10:]) / 10
-    assert last < first - 0.5, (first, last)  # the training loss falls
+    assert last < first - 0.3, (first, last)  # the training loss falls
     ckpt = out / "checkpoints" / "latest"
     assert {p.name for p in ckpt.iterdir()} == {
         "adapters.safetensors",
@@ -75,7 +75,11 @@ def test_each_method_trains_end_to_end(method, extra, overrides, tmp_path, capsy
         "adapter_config.json",
     }
     if method == "abmll":
-        assert logged(out, "beta_kl") and logged(out, "gamma_prior")
+        assert (
+            logged(out, "beta_kl")
+            and logged(out, "gamma_prior")
+            and logged(out, "sigma_theta/mean")
+        )
         assert any(".lora_global_std_" in k for k in final_adapters(out))
 
 

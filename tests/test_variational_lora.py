@@ -310,3 +310,25 @@ def test_quantized_base_matches_dequantized_weight():
     assert layer.pretrained_weight_variance() == pytest.approx(
         dequantized.double().var(unbiased=False).item()
     )
+
+
+def test_sigma_summary_matches_dense_sigma():
+    from abmll_tune.modules import sigma_summary
+
+    layers = [make_layer(8, 6), make_layer(6, 4)]
+    for layer in layers:
+        layer.chunk_elements = 7  # several chunks per layer
+    sigmas = [
+        std_dense(
+            m.scale * m.pair("global", "std")[1] @ m.pair("global", "std")[0],
+            m.sigma_floor,
+            m.std_param,
+        )
+        for m in layers
+    ]
+    flat = torch.cat([s.flatten() for s in sigmas])
+    summary = sigma_summary(torch.nn.Sequential(*layers))
+    assert summary["mean"] == pytest.approx(flat.mean().item(), rel=1e-12)
+    assert summary["min"] == pytest.approx(flat.min().item()) and summary["max"] == pytest.approx(
+        flat.max().item()
+    )

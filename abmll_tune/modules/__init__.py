@@ -21,6 +21,7 @@ from abmll_tune.modules.variational_lora import (
     reset_local_from_global,
     set_adapter_mode,
     set_trainable_scope,
+    sigma_summary,
     variational_lora_layers,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "reset_local_from_global",
     "set_adapter_mode",
     "set_trainable_scope",
+    "sigma_summary",
     "variational_lora_layers",
     "weight_space_noise",
 ]

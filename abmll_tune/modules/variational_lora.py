@@ -478,3 +478,28 @@ def set_trainable_scope(model: nn.Module, scope: str | None) -> None:
     chosen = set(adapter_params_by_group(model, scope)) if scope else None
     for name, param in adapter_params_by_group(model).items():
         param.requires_grad_(chosen is None or name in chosen)
+
+
+@torch.no_grad()
+def sigma_summary(model: nn.Module, scope: str = "global") -> dict[str, float]:
+    """Mean, min and max of sigma over every weight entry of every variational layer
+    (``scope`` global: sigma_theta), row-chunked; for logging how far sigma moved from c."""
+    total, count = 0.0, 0
+    low, high = float("inf"), 0.0
+    for layer in _layers_or_raise(model).values():
+        if not layer.variational:
+            continue
+        a, b = layer.pair(scope, "std")
+        rows = gaussian.chunk_rows_for(layer.in_dim, layer.chunk_elements)
+        for start in range(0, b.shape[0], rows):
+            sigma = gaussian.std_dense(
+                layer.scale * (b[start : start + rows].double() @ a.double()),
+                layer.sigma_floor,
+                layer.std_param,
+            )
+            total += float(sigma.sum())
+            count += sigma.numel()
+            low, high = min(low, float(sigma.min())), max(high, float(sigma.max()))
+    if count == 0:
+        raise ValueError("the model has no std pairs (variational=False)")
+    return {"mean": total / count, "min": low, "max": high}

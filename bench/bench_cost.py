@@ -1,0 +1,360 @@
+"""What does ABMLL cost? Against torchtune's own LoRA recipe, and against the number of tasks.
+
+    python bench/bench_cost.py --out bench_results/cost.json      (part of make bench)
+
+1. Step time and peak memory of ABMLL meta-training (``recipes/abmll_meta_single_device``)
+   against torchtune's ``lora_finetune_single_device`` recipe (imported from the torchtune
+   wheel), same model, data, batch (2) and precision (fp32): a Llama3 with
+   ``--layers`` 8B-shaped decoder layers (hidden 4096, 32 heads, 8 KV heads, MLP 14336)
+   and random weights, saved as an HF checkpoint, on the embedded suite's prompts (for
+   torchtune's recipe through its ``instruct_dataset``, so its prompts carry Llama3's chat
+   headers, a few tokens longer). Each measurement is a fresh process; the two recipes
+   alternate, ``--reps`` times. Step time: the training loop's wall time over its optimizer
+   steps on a batch (ABMLL: inner steps; its outer step takes no forward pass). Memory:
+   the process's peak RSS during the training loop (the CPU has no allocator
+   statistics; the high-water mark is reset after setup), and its excess over torchtune's.
+2. Memory and time per task against the number of meta-training tasks (10, 100, 1000)
+   on the tiny backbone: ABMLL keeps one set of local adapters, so both must stay flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _peak_rss_mib() -> float:
+    # VmHWM belongs to this process's address space; ru_maxrss would carry over the
+    # parent's high-water mark across fork+exec (Linux), hiding a small worker's own peak.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> None:
+    """Restart the high-water mark after setup, so the peak is the training loop's
+    (writing 5 to clear_refs resets VmHWM on Linux); loading a checkpoint briefly holds
+    the weights twice and would otherwise dominate both recipes' peaks."""
+    import gc
+
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _arch(layers: int) -> dict:
+    return dict(
+        vocab_size=768,
+        num_layers=layers,
+        num_heads=32,
+        num_kv_heads=8,
+        embed_dim=4096,
+        intermediate_dim=14336,
+        max_seq_len=256,
+    )
+
+
+def prepare(work: Path, layers: int) -> dict:
+    from abmll_tune.data.build import BuildOptions, build_split
+    from abmll_tune.data.embedded import generate_suite
+    from abmll_tune.data.loader import BuiltSplit
+    from abmll_tune.data.prompt import LETTERS, render_prompt
+    from abmll_tune.models.tiny import write_tiny_checkpoint
+
+    if not (work / "data" / "manifest.json").is_file():
+        generate_suite(work / "src")
+        build_split(
+            BuildOptions(split="embedded", source=str(work / "src"), out=str(work / "data")),
+            progress=False,
+            log=lambda *_: None,
+        )
+    if not (work / "backbone" / "model.safetensors").is_file():
+        write_tiny_checkpoint(work / "backbone", "llama3", overwrite=True, **_arch(layers))
+    rows = []
+    split = BuiltSplit(work / "data")
+    for task in split.train_tasks:
+        for e in split.train(task):
+            rows.append({"prompt": render_prompt(e), "answer": LETTERS[e.gold]})
+    (work / "instruct.json").write_text(json.dumps(rows))
+    return {
+        "tokenizer": str(work / "src" / "tokenizer"),
+        "backbone": str(work / "backbone"),
+        "data": str(work / "data"),
+        "instruct": str(work / "instruct.json"),
+    }
+
+
+def worker_torchtune(paths: dict, layers: int, steps: int, out_dir: str) -> dict:
+    import importlib.util
+
+    import torchtune
+    from omegaconf import OmegaConf
+
+    recipe_file = Path(torchtune.__file__).parents[1] / "recipes" / "lora_finetune_single_device.py"
+    spec = importlib.util.spec_from_file_location("tt_lora_recipe", recipe_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = OmegaConf.create(
+        {
+            "output_dir": out_dir,
+            "model": {
+                "_component_": "torchtune.models.llama3.lora_llama3",
+                "lora_attn_modules": ["q_proj", "v_proj", "output_proj"],
+                "apply_lora_to_mlp": False,
+                "apply_lora_to_output": False,
+                "lora_rank": 8,
+                "lora_alpha": 16,
+                **_arch(layers),
+            },
+            "tokenizer": {
+                "_component_": "torchtune.models.llama3.llama3_tokenizer",
+                "path": f"{paths['tokenizer']}/tokenizer.model",
+                "special_tokens_path": f"{paths['tokenizer']}/special_tokens.json",
+                "max_seq_len": 128,
+            },
+            "checkpointer": {
+                "_component_": "torchtune.training.FullModelHFCheckpointer",
+                "checkpoint_dir": paths["backbone"],
+                "checkpoint_files": ["model.safetensors"],
+                "model_type": "LLAMA3",
+                "output_dir": out_dir,
+            },
+            "resume_from_checkpoint": False,
+            "save_adapter_weights_only": True,
+            "dataset": {
+                "_component_": "torchtune.datasets.instruct_dataset",
+                "source": "json",
+                "data_files": paths["instruct"],
+                "column_map": {"input": "prompt", "output": "answer"},
+                "train_on_input": False,
+                "split": "train",
+            },
+            "seed": 0,
+            "shuffle": True,
+            "batch_size": 2,
+            "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.0},
+            "lr_scheduler": {
+                "_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+                "num_warmup_steps": 1,
+            },
+            "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"},
+            "epochs": 1,
+            "max_steps_per_epoch": steps,
+            "gradient_accumulation_steps": 1,
+            "clip_grad_norm": None,
+            "compile": False,
+            "metric_logger": {
+                "_component_": "torchtune.training.metric_logging.DiskLogger",
+                "log_dir": f"{out_dir}/logs",
+            },
+            "log_every_n_steps": 1,
+            "log_peak_memory_stats": False,
+            "device": "cpu",
+            "dtype": "fp32",
+            "enable_activation_checkpointing": False,
+            "enable_activation_offloading": False,
+            "profiler": {
+                "_component_": "torchtune.training.setup_torch_profiler",
+                "enabled": False,
+            },
+        }
+    )
+    recipe = module.LoRAFinetuneRecipeSingleDevice(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.save_checkpoint = lambda *a, **k: (
+        None
+    )  # the benchmark times training, not the final save
+    start = time.perf_counter()
+    recipe.train()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "steps": steps, "peak_rss_mib": _peak_rss_mib()}
+
+
+def worker_abmll(paths: dict, layers: int, steps: int, out_dir: str) -> dict:
+    from omegaconf import OmegaConf
+
+    from recipes.abmll_meta_single_device import MetaLearningRecipeSingleDevice
+
+    cfg = OmegaConf.load(REPO / "configs" / "tiny_cpu_abmll.yaml")
+    visits = max(1, steps // 5)
+    overrides = {
+        "output_dir": out_dir,
+        "epochs": 1,
+        "stop_after_visits": visits,
+        "validation": None,
+        "save_every_n_visits": None,
+        "tokenizer.path": f"{paths['tokenizer']}/tokenizer.model",
+        "tokenizer.special_tokens_path": f"{paths['tokenizer']}/special_tokens.json",
+        "checkpointer.checkpoint_dir": paths["backbone"],
+        "data.path": paths["data"],
+        "data.max_seq_len": 128,
+    }
+    for key, value in {**overrides, **{f"model.{k}": v for k, v in _arch(layers).items()}}.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    recipe = MetaLearningRecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    recipe.save_checkpoint = lambda *a, **k: None
+    _reset_peak_rss()
+    start = time.perf_counter()
+    recipe.train()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "steps": visits * 5, "peak_rss_mib": _peak_rss_mib()}
+
+
+def worker_scaling(paths: dict, n_tasks: int) -> dict:
+    """Meta-train ABMLL on n_tasks generated tasks (20 questions each) with the tiny backbone."""
+    import torch
+
+    from abmll_tune.data.embedded import MODEL_VOCAB, llama3_tokenizer, make_lexicon, make_task
+    from abmll_tune.data.loader import MetaTaskSampler, tokenize_tasks
+    from abmll_tune.data.prompt import PromptTokenizer
+    from abmll_tune.meta import MetaConfig, MetaLearner
+    from abmll_tune.models import abmll_llama3
+    from abmll_tune.objectives import ELBOWeights
+
+    torch.manual_seed(0)
+    lexicon = make_lexicon()
+    prompt = PromptTokenizer(llama3_tokenizer(paths["tokenizer"]), 64)
+    tasks = tokenize_tasks(
+        {f"scale-{i}": make_task(f"scale-{i}", lexicon, 20) for i in range(n_tasks)}, prompt
+    )
+    model = abmll_llama3(
+        vocab_size=MODEL_VOCAB,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=64,
+        intermediate_dim=256,
+        max_seq_len=256,
+        std_b_init_std=1e-3,
+    )
+    cfg = MetaConfig(
+        method="abmll",
+        inner_lr_mean=1e-2,
+        inner_lr_std=1e-3,
+        std_grad_clamp=1.0,
+        elbo=ELBOWeights(beta=1e-6),
+    )
+    adamw = lambda groups: torch.optim.AdamW(groups, weight_decay=0.0)  # noqa: E731
+    learner = MetaLearner(model, cfg, adamw, adamw)
+    sampler = MetaTaskSampler(tasks, batch_size=2, batches_per_task=cfg.batches_per_task, seed=0)
+    after_setup = _peak_rss_mib()
+    _reset_peak_rss()
+    start = time.perf_counter()
+    for visit in sampler.visits(0):
+        learner.train_task(visit)
+    seconds = time.perf_counter() - start
+    return {
+        "n_tasks": n_tasks,
+        "seconds_per_task": seconds / n_tasks,
+        "peak_rss_mib": _peak_rss_mib(),
+        "rss_after_setup_mib": after_setup,
+    }
+
+
+def _spawn(args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TIKTOKEN_CACHE_DIR": ""}
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        sys.exit(f"worker {args[:2]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench_results/cost.json"))
+    parser.add_argument("--work", type=Path, default=Path("bench_results/cost_work"))
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--tasks", default="10,100,1000")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--paths", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        paths = json.loads(args.paths)
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.worker == "scaling":
+                result = worker_scaling(paths, args.n)
+            else:
+                fn = worker_torchtune if args.worker == "torchtune" else worker_abmll
+                result = fn(paths, args.layers, args.steps, tmp)
+        print(json.dumps(result))
+        return
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    paths = prepare(work, args.layers)
+    runs = {"torchtune_lora": [], "abmll": []}
+    for rep in range(args.reps):
+        for name, worker in (("torchtune_lora", "torchtune"), ("abmll", "abmll")):
+            r = _spawn(
+                [
+                    "--worker",
+                    worker,
+                    "--paths",
+                    json.dumps(paths),
+                    "--layers",
+                    str(args.layers),
+                    "--steps",
+                    str(args.steps),
+                ]
+            )
+            r["seconds_per_step"] = r["seconds"] / r["steps"]
+            runs[name].append(r)
+            print(
+                f"rep {rep + 1}: {name}: {r['seconds_per_step']:.2f} s/step, peak RSS {r['peak_rss_mib']:.0f} MiB",
+                file=sys.stderr,
+            )
+    step = {k: statistics.median(r["seconds_per_step"] for r in v) for k, v in runs.items()}
+    peak = {k: statistics.median(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
+    scaling = [
+        _spawn(["--worker", "scaling", "--paths", json.dumps(paths), "--n", n])
+        for n in args.tasks.split(",")
+    ]
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": "cpu",
+        "model": f"Llama3 with {args.layers} 8B-shaped layers, vocab 768, random weights, fp32",
+        "batch_size": 2,
+        "runs": runs,
+        "seconds_per_step": step,
+        "time_ratio": step["abmll"] / step["torchtune_lora"],
+        "peak_rss_mib": peak,
+        "extra_peak_fraction": (peak["abmll"] - peak["torchtune_lora"]) / peak["torchtune_lora"],
+        "scaling": scaling,
+    }
+    from abmll_tune.io import atomic_write_json
+
+    atomic_write_json(args.out, report)
+    print(f"\n{report['model']}, batch 2, {args.reps} alternating reps (full results: {args.out})")
+    print(f"{'recipe':<18}{'s/step':>8}{'peak RSS MiB':>14}")
+    for k in runs:
+        print(f"{k:<18}{step[k]:>8.2f}{peak[k]:>14.0f}")
+    print(
+        f"ABMLL / torchtune LoRA: time x{report['time_ratio']:.2f}, peak memory {100 * report['extra_peak_fraction']:+.1f}% (targets: <= 1.2x, flat in tasks)"
+    )
+    print(f"{'tasks':>6}{'s/task':>10}{'peak RSS MiB':>14}")
+    for s in scaling:
+        print(f"{s['n_tasks']:>6}{s['seconds_per_task']:>10.3f}{s['peak_rss_mib']:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()
