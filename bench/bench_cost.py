@@ -98,7 +98,25 @@ def prepare(work: Path, layers: int) -> dict:
     }
 
 
-def worker_torchtune(paths: dict, layers: int, steps: int, out_dir: str) -> dict:
+def _peak_memory_mib(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _peak_rss_mib()
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_rss()
+
+
+def worker_torchtune(
+    paths: dict, layers: int, steps: int, out_dir: str, device: str = "cpu", dtype: str = "fp32"
+) -> dict:
     import importlib.util
 
     import torchtune
@@ -163,8 +181,8 @@ def worker_torchtune(paths: dict, layers: int, steps: int, out_dir: str) -> dict
             },
             "log_every_n_steps": 1,
             "log_peak_memory_stats": False,
-            "device": "cpu",
-            "dtype": "fp32",
+            "device": device,
+            "dtype": dtype,
             "enable_activation_checkpointing": False,
             "enable_activation_offloading": False,
             "profiler": {
@@ -175,16 +193,18 @@ def worker_torchtune(paths: dict, layers: int, steps: int, out_dir: str) -> dict
     )
     recipe = module.LoRAFinetuneRecipeSingleDevice(cfg=cfg)
     recipe.setup(cfg=cfg)
-    recipe.save_checkpoint = lambda *a, **k: (
-        None
-    )  # the benchmark times training, not the final save
+    # the benchmark times training, not the final save
+    recipe.save_checkpoint = lambda *a, **k: None
+    _reset_peak(device)
     start = time.perf_counter()
     recipe.train()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "steps": steps, "peak_rss_mib": _peak_rss_mib()}
+    return {"seconds": seconds, "steps": steps, "peak_rss_mib": _peak_memory_mib(device)}
 
 
-def worker_abmll(paths: dict, layers: int, steps: int, out_dir: str) -> dict:
+def worker_abmll(
+    paths: dict, layers: int, steps: int, out_dir: str, device: str = "cpu", dtype: str = "fp32"
+) -> dict:
     from omegaconf import OmegaConf
 
     from recipes.abmll_meta_single_device import MetaLearningRecipeSingleDevice
@@ -202,17 +222,19 @@ def worker_abmll(paths: dict, layers: int, steps: int, out_dir: str) -> dict:
         "checkpointer.checkpoint_dir": paths["backbone"],
         "data.path": paths["data"],
         "data.max_seq_len": 128,
+        "device": device,
+        "dtype": dtype,
     }
     for key, value in {**overrides, **{f"model.{k}": v for k, v in _arch(layers).items()}}.items():
         OmegaConf.update(cfg, key, value, force_add=True)
     recipe = MetaLearningRecipeSingleDevice(cfg)
     recipe.setup(cfg)
     recipe.save_checkpoint = lambda *a, **k: None
-    _reset_peak_rss()
+    _reset_peak(device)
     start = time.perf_counter()
     recipe.train()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "steps": visits * 5, "peak_rss_mib": _peak_rss_mib()}
+    return {"seconds": seconds, "steps": visits * 5, "peak_rss_mib": _peak_memory_mib(device)}
 
 
 def worker_scaling(paths: dict, n_tasks: int) -> dict:
@@ -284,6 +306,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--tasks", default="10,100,1000")
+    parser.add_argument(
+        "--device", default="cpu", help="cuda on a GPU (then peak memory is the CUDA allocator's)"
+    )
+    parser.add_argument("--dtype", default="fp32", help="bf16 for the paper's setting on a GPU")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -295,7 +321,7 @@ def main() -> None:
                 result = worker_scaling(paths, args.n)
             else:
                 fn = worker_torchtune if args.worker == "torchtune" else worker_abmll
-                result = fn(paths, args.layers, args.steps, tmp)
+                result = fn(paths, args.layers, args.steps, tmp, args.device, args.dtype)
         print(json.dumps(result))
         return
 
@@ -315,6 +341,10 @@ def main() -> None:
                     str(args.layers),
                     "--steps",
                     str(args.steps),
+                    "--device",
+                    args.device,
+                    "--dtype",
+                    args.dtype,
                 ]
             )
             r["seconds_per_step"] = r["seconds"] / r["steps"]
@@ -331,8 +361,8 @@ def main() -> None:
     ]
     report = {
         "date": time.strftime("%Y-%m-%d"),
-        "device": "cpu",
-        "model": f"Llama3 with {args.layers} 8B-shaped layers, vocab 768, random weights, fp32",
+        "device": args.device,
+        "model": f"Llama3 with {args.layers} 8B-shaped layers, vocab 768, random weights, {args.dtype}",
         "batch_size": 2,
         "runs": runs,
         "seconds_per_step": step,
