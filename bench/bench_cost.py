@@ -241,11 +241,12 @@ def worker_scaling(paths: dict, n_tasks: int) -> dict:
     """Meta-train ABMLL on n_tasks generated tasks (20 questions each) with the tiny backbone."""
     import torch
 
-    from abmll_tune.data.embedded import MODEL_VOCAB, llama3_tokenizer, make_lexicon, make_task
+    from abmll_tune.data.embedded import llama3_tokenizer, make_lexicon, make_task
     from abmll_tune.data.loader import MetaTaskSampler, tokenize_tasks
     from abmll_tune.data.prompt import PromptTokenizer
     from abmll_tune.meta import MetaConfig, MetaLearner
     from abmll_tune.models import abmll_llama3
+    from abmll_tune.models.tiny import TINY_EMBEDDED
     from abmll_tune.objectives import ELBOWeights
 
     torch.manual_seed(0)
@@ -254,16 +255,7 @@ def worker_scaling(paths: dict, n_tasks: int) -> dict:
     tasks = tokenize_tasks(
         {f"scale-{i}": make_task(f"scale-{i}", lexicon, 20) for i in range(n_tasks)}, prompt
     )
-    model = abmll_llama3(
-        vocab_size=MODEL_VOCAB,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        embed_dim=64,
-        intermediate_dim=256,
-        max_seq_len=256,
-        std_b_init_std=1e-3,
-    )
+    model = abmll_llama3(**TINY_EMBEDDED, std_b_init_std=1e-3)
     cfg = MetaConfig(
         method="abmll",
         inner_lr_mean=1e-2,

@@ -94,3 +94,15 @@ def embedded_backbone(tmp_path_factory):
         vocab_size=MODEL_VOCAB,
         max_seq_len=256,
     )
+
+
+@pytest.fixture(scope="session")
+def embedded_overrides(embedded_source, embedded_split, embedded_backbone):
+    """`tune run` overrides pointing the tiny_cpu_* configs at the session's suite and backbone."""
+    tok = embedded_source / "tokenizer"
+    return [
+        f"tokenizer.path={tok / 'tokenizer.model'}",
+        f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",
+        f"checkpointer.checkpoint_dir={embedded_backbone}",
+        f"data.path={embedded_split}",
+    ]

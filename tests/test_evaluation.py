@@ -8,23 +8,16 @@ import pytest
 import torch
 from helpers import tune_run
 
-from abmll_tune.data.embedded import MODEL_VOCAB, llama3_tokenizer
+from abmll_tune.data.embedded import llama3_tokenizer
 from abmll_tune.data.loader import TaskData, heldout_batches
 from abmll_tune.evaluation import EvalSettings, evaluate_tasks, option_probabilities, pruned
 from abmll_tune.metrics import all_metrics, pad_probs
 from abmll_tune.models import abmll_llama3
+from abmll_tune.models.tiny import TINY_EMBEDDED
 from abmll_tune.modules import adapter_params_by_group
 from abmll_tune.report import ReportError, write_report
 
-ARCH = dict(
-    vocab_size=MODEL_VOCAB,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    embed_dim=64,
-    intermediate_dim=128,
-    max_seq_len=128,
-)
+ARCH = dict(TINY_EMBEDDED, intermediate_dim=128)
 
 
 @pytest.fixture(scope="module")
@@ -110,16 +103,10 @@ def test_pruning_zero_is_no_pruning_and_levels_zero_the_requested_fraction(data)
 
 
 @pytest.fixture(scope="module")
-def trained(embedded_source, embedded_split, embedded_backbone, tmp_path_factory):
+def trained(embedded_overrides, tmp_path_factory):
     """A short Structured LoRA run with validation after every epoch."""
     out = tmp_path_factory.mktemp("trained") / "structured"
-    tok = embedded_source / "tokenizer"
-    common = [
-        f"tokenizer.path={tok / 'tokenizer.model'}",
-        f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",
-        f"checkpointer.checkpoint_dir={embedded_backbone}",
-        f"data.path={embedded_split}",
-    ]
+    common = embedded_overrides
     code, _, err = tune_run(
         "reptile_single_device",
         "configs/tiny_cpu_structured_lora.yaml",
@@ -326,21 +313,13 @@ def test_report_rejects_empty_and_incompatible_inputs(tmp_path):
         write_report([tmp_path / "other"], tmp_path / "r")
 
 
-def test_sweep_writes_one_directory_per_run_and_resumes(
-    embedded_source, embedded_split, embedded_backbone, tmp_path
-):
+def test_sweep_writes_one_directory_per_run_and_resumes(embedded_overrides, tmp_path):
     import subprocess
     import sys
 
     from helpers import REPO
 
-    tok = embedded_source / "tokenizer"
-    paths = [
-        f"tokenizer.path={tok / 'tokenizer.model'}",
-        f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",
-        f"checkpointer.checkpoint_dir={embedded_backbone}",
-        f"data.path={embedded_split}",
-    ]
+    paths = embedded_overrides
     evals = [
         f"--eval-override={p}"
         for p in paths

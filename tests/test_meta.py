@@ -19,18 +19,11 @@ from abmll_tune.data.embedded import MODEL_VOCAB, llama3_tokenizer
 from abmll_tune.data.loader import MetaTaskSampler, TaskData, TaskVisit
 from abmll_tune.meta import MetaConfig, MetaLearner
 from abmll_tune.models import abmll_llama3
+from abmll_tune.models.tiny import TINY_EMBEDDED
 from abmll_tune.modules import adapter_mode, adapter_params_by_group
 from abmll_tune.objectives import ELBOWeights, answer_nll
 
-ARCH = dict(
-    vocab_size=MODEL_VOCAB,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    embed_dim=64,
-    intermediate_dim=128,
-    max_seq_len=128,
-)
+ARCH = dict(TINY_EMBEDDED, intermediate_dim=128)
 
 
 def sgd(lr):

@@ -23,14 +23,8 @@ RECIPE = {
 
 
 @pytest.fixture(scope="module")
-def overrides(embedded_source, embedded_split, embedded_backbone):
-    tok = embedded_source / "tokenizer"
-    return [
-        f"tokenizer.path={tok / 'tokenizer.model'}",
-        f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",
-        f"checkpointer.checkpoint_dir={embedded_backbone}",
-        f"data.path={embedded_split}",
-    ]
+def overrides(embedded_overrides):
+    return embedded_overrides
 
 
 def tune_run(method, out, overrides, *extra, config=None, capsys=None):

@@ -30,6 +30,9 @@ TINY_LLAMA3 = dict(
 )
 # Same size with Qwen2's biases on q/k/v.
 TINY_QWEN2 = dict(TINY_LLAMA3)
+# The backbone of the embedded suite: its tokenizer's vocabulary (768, see
+# abmll_tune.data.embedded.MODEL_VOCAB) and room for MetaICL prompts.
+TINY_EMBEDDED = dict(TINY_LLAMA3, vocab_size=768, max_seq_len=256)
 
 FAMILIES = {"llama3": ("LLAMA3", llama3, TINY_LLAMA3), "qwen2": ("QWEN2", qwen2, TINY_QWEN2)}
 
