@@ -24,6 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 REPO = Path(__file__).resolve().parents[1]
 TUNE = shutil.which("tune", path=str(Path(sys.executable).parent)) or "tune"
 SUPPORT_SEEDS = (100, 13, 21)
@@ -59,35 +61,23 @@ def one_run(name: str, seed_index: int, out: Path, common: list[str], epochs: in
     run.mkdir(parents=True, exist_ok=True)
     log = run / "bench.log"
     spec = METHODS[name]
-    eval_common = [
-        f"evaluation.seeds=[{SUPPORT_SEEDS[seed_index]}]",
-        "evaluation.samples=[1,10]",
-        f"output_dir={run / 'eval'}",
-        *common,
-    ]
-    if spec is None:
+
+    def evaluate(method: str, checkpoint: str) -> None:
         _run(
             [
-                TUNE,
-                "run",
-                "recipes/evaluate_few_shot",
-                "--config",
-                "configs/tiny_cpu_eval.yaml",
-                "method=pretrained",
-                "adapter_checkpoint=null",
-                *eval_common,
+                TUNE, "run", "recipes/evaluate_few_shot", "--config", "configs/tiny_cpu_eval.yaml",
+                f"method={method}", f"adapter_checkpoint={checkpoint}",
+                f"evaluation.seeds=[{SUPPORT_SEEDS[seed_index]}]", "evaluation.samples=[1,10]",
+                f"output_dir={run / 'eval'}", *common,
             ],
             log,
-        )
+        )  # fmt: skip
+
+    if spec is None:
+        evaluate("pretrained", "null")
         return results
     config, overrides = spec
-    method = (
-        "abmll"
-        if config.startswith("tiny_cpu_abmll")
-        else {"tiny_cpu_lora": "lora", "tiny_cpu_structured_lora": "structured_lora"}.get(
-            config, "reptile"
-        )
-    )
+    method = OmegaConf.load(REPO / "configs" / f"{config}.yaml").method
     recipe = "abmll_meta_single_device" if method == "abmll" else "reptile_single_device"
     training = [
         f"output_dir={run}",
@@ -100,19 +90,7 @@ def one_run(name: str, seed_index: int, out: Path, common: list[str], epochs: in
     if (run / "checkpoints" / "latest").is_dir():
         training.append("resume_from_checkpoint=true")
     _run([TUNE, "run", f"recipes/{recipe}", "--config", f"configs/{config}.yaml", *training], log)
-    _run(
-        [
-            TUNE,
-            "run",
-            "recipes/evaluate_few_shot",
-            "--config",
-            "configs/tiny_cpu_eval.yaml",
-            f"method={method}",
-            f"adapter_checkpoint={run / 'checkpoints' / 'best'}",
-            *eval_common,
-        ],
-        log,
-    )
+    evaluate(method, str(run / "checkpoints" / "best"))
     return results
 
 
