@@ -38,6 +38,8 @@ format: install
 bench: install
 	$(BIN)/python bench/bench_layer.py --out bench_results/layer.json
 	$(BIN)/python bench/bench_methods.py --out bench_results/methods
+	$(BIN)/python bench/bench_cost.py --out bench_results/cost.json
+	$(BIN)/python bench/bench_distributed.py --out bench_results/distributed.json
 
 DEMO_EVAL = $(BIN)/tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml evaluation.seeds=[100]
 

@@ -191,12 +191,20 @@ def save_training_checkpoint(
     progress: dict,
     config: dict,
     peft_kwargs: dict | None,
+    rng_states: list[dict] | None = None,
 ) -> Path:
-    """Write one checkpoint directory atomically (see the module docstring)."""
+    """Write one checkpoint directory atomically (see the module docstring).
+
+    ``rng_states``: every process's RNG state, in rank order (task-parallel jobs);
+    default: this process's."""
     with atomic_directory(directory) as tmp:
         adapters = adapter_state(model)
         save_file(adapters, str(tmp / "adapters.safetensors"), metadata={"format": "pt"})
-        torch.save({"learner": learner_state, "rng": rng_state()}, tmp / "training_state.pt")
+        rng_states = rng_states or [rng_state()]
+        torch.save(
+            {"learner": learner_state, "rng": rng_states[0], "rng_per_rank": rng_states},
+            tmp / "training_state.pt",
+        )
         atomic_write_json(
             tmp / "meta.json",
             {
@@ -230,9 +238,10 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict:
 
 
 def load_training_checkpoint(
-    directory: str | os.PathLike, model: nn.Module, method: str
+    directory: str | os.PathLike, model: nn.Module, method: str, *, rank: int = 0
 ) -> tuple[dict, dict]:
-    """Load adapters and RNG state into this process; returns (meta, training state).
+    """Load adapters and RNG state (process ``rank``'s) into this process; returns
+    (meta, training state).
 
     Validates method and every adapter shape first: nothing is loaded from a
     checkpoint that does not fit."""
@@ -263,7 +272,13 @@ def load_training_checkpoint(
         for name, p in params.items():
             p.copy_(tensors[name])
     state = torch.load(directory / "training_state.pt", weights_only=True)
-    set_rng_state(state["rng"])
+    per_rank = state.get("rng_per_rank") or [state["rng"]]
+    if rank >= len(per_rank):
+        raise CheckpointError(
+            f"{directory / 'training_state.pt'}: written by {len(per_rank)} process(es), "
+            f"read by rank {rank}; resume with the same number of processes"
+        )
+    set_rng_state(per_rank[rank])
     return meta, state["learner"]
 
 

@@ -27,7 +27,10 @@ ABMLL's outer step (``outer_grad``; Algorithm 1's body is missing from the paper
 * ``kl_only``: the literal reading: the global pairs get only beta KL + gamma prior.
 
 No backpropagation through the inner loop; one set of local adapters is reused, so
-memory is constant in the number of tasks. Mean and std pairs have separate learning
+memory is constant in the number of tasks. Task-parallel training (``reduce_mean``,
+:mod:`abmll_tune.distributed`) averages the outer step's two ingredients over the ranks,
+each of which has just adapted to its own task: the deltas (local - global) before the
+interpolation and the global adapters' gradients before the outer optimizer's step. Mean and std pairs have separate learning
 rates, inner and outer. The inner optimizer is re-created for every task (or kept,
 ``inner_optimizer_reset: never``); the outer optimizer keeps its state across tasks.
 """
@@ -142,6 +145,9 @@ class MetaLearner:
         make_inner_optimizer, make_outer_optimizer: ``f(param_groups) -> Optimizer``
             (the recipe passes its configured optimizer classes).
         loss_fn: optional torchtune loss (see :func:`abmll_tune.objectives.answer_nll`).
+        reduce_mean: averages a list of tensors in place over the processes of a
+            task-parallel job (:func:`abmll_tune.distributed.all_reduce_mean_`); None on
+            one device.
     """
 
     def __init__(
@@ -151,6 +157,7 @@ class MetaLearner:
         make_inner_optimizer: Callable[[list[dict]], Optimizer],
         make_outer_optimizer: Callable[[list[dict]], Optimizer] | None = None,
         loss_fn: nn.Module | None = None,
+        reduce_mean: Callable[[list[torch.Tensor]], None] | None = None,
     ):
         layers = variational_lora_layers(model)
         if not layers:
@@ -165,6 +172,7 @@ class MetaLearner:
                 f"variational={sorted(is_variational)}"
             )
         self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
+        self.reduce_mean = reduce_mean
         self._make_inner = make_inner_optimizer
         self.scope = "local" if cfg.meta_learned else "global"
         # inner optimizer over the trained scope, means and stds at their own rates
@@ -258,9 +266,20 @@ class MetaLearner:
 
     @torch.no_grad()
     def _interpolate(self, eps_mean: float, eps_std: float, kinds: tuple[str, ...]) -> None:
-        for (theta, phi), kind in zip(self.pairs, self.pair_kinds, strict=True):
-            if kind in kinds:
-                theta.add_(phi - theta, alpha=eps_mean if kind == "mean" else eps_std)
+        chosen = [
+            (theta, phi, kind)
+            for (theta, phi), kind in zip(self.pairs, self.pair_kinds, strict=True)
+            if kind in kinds
+        ]
+        deltas = [phi - theta for theta, phi, _ in chosen]
+        if self.reduce_mean is not None:
+            self.reduce_mean(deltas)  # the mean delta over the ranks' tasks
+        for (theta, _, kind), delta in zip(chosen, deltas, strict=True):
+            theta.add_(delta, alpha=eps_mean if kind == "mean" else eps_std)
+
+    def _reduce_global_grads(self) -> None:
+        if self.reduce_mean is not None:
+            self.reduce_mean([theta.grad for theta, _ in self.pairs if theta.grad is not None])
 
     def outer_step(self, query: list[dict]) -> dict[str, float]:
         """The method's outer (global) update; ``query`` is used by ``first_order`` only."""
@@ -273,6 +292,7 @@ class MetaLearner:
             else:  # an optimizer step on the pseudo-gradient theta - phi
                 for theta, phi in self.pairs:
                     theta.grad = (theta - phi).detach()
+                self._reduce_global_grads()
                 self.outer_optimizer.step()
                 self.outer_optimizer.zero_grad(set_to_none=True)
             return metrics
@@ -305,6 +325,7 @@ class MetaLearner:
             float(reg_kl.detach()),
             float(reg_prior.detach()),
         )
+        self._reduce_global_grads()
         _check_finite_grads(self.model, "outer step")
         self._clamp_std_grads("global")
         self.outer_optimizer.step()

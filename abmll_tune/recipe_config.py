@@ -81,6 +81,12 @@ SCHEMA: dict[str, Key] = {
     "enable_activation_checkpointing": Key((bool,), False),
     "compile": Key((bool,), False),
     "log_every_n_visits": Key((int,), 1, minimum=1),
+    # recipes/abmll_meta_distributed only
+    "collective_timeout_s": Key(
+        NUM, 1800, minimum=1, doc="a collective waiting longer than this fails the job"
+    ),
+    "fsdp_cpu_offload": Key((bool,), False),
+    "fsdp_reshard_after_forward": Key((bool,), True),
     "log_peak_memory_stats": Key((bool,), True),
     "validation": Key(
         (dict,),

@@ -34,10 +34,12 @@ from abmll_tune.checkpointing import (
     CheckpointError,
     build_model_from_checkpoint,
     load_training_checkpoint,
+    rng_state,
     save_training_checkpoint,
 )
 from abmll_tune.data.loader import MetaTaskSampler, PooledBatchSampler, PooledVisits
 from abmll_tune.data.records import DataError
+from abmll_tune.distributed import all_gather_objects
 from abmll_tune.evaluation import default_variant, evaluate_tasks
 from abmll_tune.io import atomic_write_text
 from abmll_tune.meta import MetaLearner
@@ -68,22 +70,37 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         self._output_dir = check_output_dir(cfg.output_dir)
         self._device = utils.get_device(device=self._settings["device"])
         self._dtype = training.get_dtype(self._settings["dtype"], device=self._device)
-        self._seed = training.set_seed(seed=self._settings["seed"])
+        # one process here; the distributed recipe joins its process group at this point
+        self._world_size, self._rank = self._init_processes()
+        self._seed = training.set_seed(seed=self._settings["seed"])  # + rank, if distributed
         self._epochs = self._settings["epochs"]
         self._visits_done = 0
         self._start_epoch, self._start_position = 0, 0
         self._validation_history: list[dict] = []
 
+    def _init_processes(self) -> tuple[int, int]:
+        return 1, 0
+
+    @property
+    def _is_rank_zero(self) -> bool:
+        return self._rank == 0
+
+    def _reduce_mean(self):
+        """How the outer step averages over processes: nothing to average on one device."""
+        return None
+
     # ------------------------------------------------------------------ setup
 
     def setup(self, cfg: DictConfig) -> None:
         self._cfg = cfg
-        self._metric_logger = (
-            config.instantiate(cfg.metric_logger)
-            if "metric_logger" in cfg
-            else training.metric_logging.DiskLogger(log_dir=str(self._output_dir / "logs"))
-        )
-        self._metric_logger.log_config(cfg)
+        self._metric_logger = None  # rank 0 logs
+        if self._is_rank_zero:
+            self._metric_logger = (
+                config.instantiate(cfg.metric_logger)
+                if "metric_logger" in cfg
+                else training.metric_logging.DiskLogger(log_dir=str(self._output_dir / "logs"))
+            )
+            self._metric_logger.log_config(cfg)
         self._model = self._setup_model(cfg)
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = None
@@ -100,6 +117,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             if "outer_optimizer" in cfg
             else None,
             loss_fn=self._loss_fn,
+            reduce_mean=self._reduce_mean(),
         )
         if self._settings["resume_from_checkpoint"]:
             self._resume(cfg)
@@ -120,9 +138,10 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         self._data = config.instantiate(cfg.data, tokenizer=self._tokenizer)
         tasks = self._data.train_tasks()
         too_long = sum(self._data.report.too_long.values())
-        log.info(
+        utils.log_rank_zero(
+            log,
             f"{len(tasks)} training tasks, {self._data.report.kept} questions"
-            + (f" ({too_long} longer than max_seq_len skipped)" if too_long else "")
+            + (f" ({too_long} longer than max_seq_len skipped)" if too_long else ""),
         )
         s = self._settings
         if self._meta.method == "lora":
@@ -141,7 +160,9 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
 
     def _resume(self, cfg: DictConfig) -> None:
         directory = self._output_dir / "checkpoints" / "latest"
-        meta, learner_state = load_training_checkpoint(directory, self._model, self._meta.method)
+        meta, learner_state = load_training_checkpoint(
+            directory, self._model, self._meta.method, rank=self._rank
+        )
         now = OmegaConf.to_container(cfg, resolve=True)
         changed = [k for k in RESUME_INVARIANTS if meta["config"].get(k) != now.get(k)]
         if changed:
@@ -160,8 +181,9 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             self._validation_history = [
                 json.loads(line) for line in history.read_text().splitlines() if line.strip()
             ]
-        log.info(
-            f"Resumed from {directory} at epoch {self._start_epoch}, visit {self._start_position}"
+        utils.log_rank_zero(
+            log,
+            f"Resumed from {directory} at epoch {self._start_epoch}, visit {self._start_position}",
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -191,6 +213,11 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         progress = {"epoch": epoch, "visits": self._visits_done, "epoch_end": epoch_end}
         if best is not None:
             progress["validation"] = best
+        # every process's RNG state, so a resumed job draws the same noise on every rank
+        rng_states = all_gather_objects(rng_state())
+        target = root / ("best" if best is not None else "latest")
+        if not self._is_rank_zero:
+            return target  # adapters and optimizer states are the same on every rank
         kwargs = dict(
             model=self._model,
             method=self._meta.method,
@@ -199,13 +226,12 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             progress=progress,
             config=OmegaConf.to_container(self._cfg, resolve=True),
             peft_kwargs=self._peft_kwargs(),
+            rng_states=rng_states,
         )
-        if best is not None:
-            return save_training_checkpoint(root / "best", **kwargs)
-        latest = save_training_checkpoint(root / "latest", **kwargs)
-        if epoch_end and self._settings["keep_epoch_checkpoints"]:
+        save_training_checkpoint(target, **kwargs)
+        if best is None and epoch_end and self._settings["keep_epoch_checkpoints"]:
             save_training_checkpoint(root / f"epoch_{epoch}", **kwargs)
-        return latest
+        return target
 
     # ------------------------------------------------------------------ train
 
@@ -229,21 +255,24 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         row["variants"] = {
             k: {m: v["summary"][m]["mean"] for m in ("accuracy", "ece")} for k, v in summary.items()
         }
+        row = all_gather_objects(row)[0]  # every rank keeps rank 0's (identical) row
         best_before = max((r["accuracy"] for r in self._validation_history), default=None)
         self._validation_history.append(row)
-        atomic_write_text(
-            self._output_dir / "validation.jsonl",
-            "".join(json.dumps(r) + "\n" for r in self._validation_history),
-        )
-        self._metric_logger.log_dict(
-            {f"val/{m}": row[m] for m in ("accuracy", "ece", "nll", "brier")},
-            step=self._visits_done,
-        )
+        if self._is_rank_zero:
+            atomic_write_text(
+                self._output_dir / "validation.jsonl",
+                "".join(json.dumps(r) + "\n" for r in self._validation_history),
+            )
+            self._metric_logger.log_dict(
+                {f"val/{m}": row[m] for m in ("accuracy", "ece", "nll", "brier")},
+                step=self._visits_done,
+            )
         if best_before is None or row["accuracy"] > best_before:
             self.save_checkpoint(max(validation_epoch - 1, 0), best=row)
-        log.info(
-            f"validation after epoch {validation_epoch}: accuracy {row['accuracy']:.3f}, ECE {row['ece']:.3f}"
-        )
+        if self._is_rank_zero:
+            log.info(
+                f"validation after epoch {validation_epoch}: accuracy {row['accuracy']:.3f}, ECE {row['ece']:.3f}"
+            )
         return row
 
     def train(self) -> None:
@@ -257,28 +286,51 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                 total=len(self._sampler),
                 initial=start,
                 desc=f"{self._meta.method} epoch {epoch + 1}/{self._epochs}",
-                unit="task",
+                unit="task" if self._world_size == 1 else "outer step",
+                disable=not self._is_rank_zero,
             )
+            busy_seconds, visits = 0.0, 0  # time inside task visits (no checkpoints, no validation)
             for visit in self._sampler.visits(epoch, start):
                 metrics = self._learner.train_task(visit)
+                busy_seconds, visits = busy_seconds + metrics["seconds"], visits + 1
                 self._visits_done += 1
+                self._record_visit(visit)
                 progress.update(1)
                 progress.set_postfix(nll=f"{metrics['nll']:.3f}")
-                if self._visits_done % s["log_every_n_visits"] == 0:
+                if self._is_rank_zero and self._visits_done % s["log_every_n_visits"] == 0:
                     self._log(visit, metrics)
                 every = s["save_every_n_visits"]
                 if (every and self._visits_done % every == 0) or self._visits_done == stop_after:
                     self.save_checkpoint(epoch)
                 if self._visits_done == stop_after:
                     progress.close()
-                    log.info(
-                        f"Stopped after {stop_after} task visits (stop_after_visits); resume with resume_from_checkpoint=true"
+                    utils.log_rank_zero(
+                        log,
+                        f"Stopped after {stop_after} task visits (stop_after_visits); resume with resume_from_checkpoint=true",
                     )
                     return
             progress.close()
+            # every process trains one task per visit: the job's throughput
+            tasks_per_second = self._world_size * visits / max(busy_seconds, 1e-9)
+            if self._is_rank_zero and visits:
+                self._metric_logger.log_dict(
+                    {"train/tasks_per_second": tasks_per_second}, step=self._visits_done
+                )
             self.validate(epoch + 1)
             latest = self.save_checkpoint(epoch, epoch_end=True)
-            log.info(f"Epoch {epoch + 1} done; checkpoint in {latest}")
+            utils.log_rank_zero(
+                log,
+                f"Epoch {epoch + 1} done ({tasks_per_second:.2f} tasks/s); checkpoint in {latest}",
+            )
+
+    def _record_visit(self, visit) -> None:
+        """Append the visit to ``logs/task_visits_rank{rank}.jsonl``: which task each
+        process trained on, visit by visit (the trail a task-parallel run is audited by)."""
+        path = self._output_dir / "logs" / f"task_visits_rank{self._rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        row = {"visit": self._visits_done, "epoch": visit.epoch, "position": visit.position}
+        with open(path, "a") as f:
+            f.write(json.dumps({**row, "task": visit.task}) + "\n")
 
     def _log(self, visit, metrics: dict) -> None:
         out = {k: v for k, v in metrics.items() if k != "seconds"}
@@ -297,26 +349,40 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         self._metric_logger.log_dict(out, step=self._visits_done)
 
     def cleanup(self) -> None:
-        self._metric_logger.close()
+        if self._metric_logger is not None:
+            self._metric_logger.close()
 
 
-def run(cfg: DictConfig, recipe_name: str = "MetaLearningRecipeSingleDevice") -> None:
+def run(
+    cfg: DictConfig,
+    recipe_name: str | None = None,
+    recipe_class: type[MetaLearningRecipeSingleDevice] = MetaLearningRecipeSingleDevice,
+) -> None:
     """Run the recipe; bad input ends the process with one message and status 2."""
-    config.log_config(recipe_name=recipe_name, cfg=cfg)
+    config.log_config(recipe_name=recipe_name or recipe_class.__name__, cfg=cfg)
     start = time.perf_counter()
     try:
-        recipe = MetaLearningRecipeSingleDevice(cfg=cfg)
+        recipe = recipe_class(cfg=cfg)
         recipe.setup(cfg=cfg)
     except (RecipeConfigError, CheckpointError, DataError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    recipe.train()
+    try:
+        recipe.train()
+    except Exception as err:
+        if recipe._world_size > 1:  # torchrun stops the other ranks and reports this one
+            log.error(
+                f"rank {recipe._rank} of {recipe._world_size} failed ({type(err).__name__}: {err}); "
+                "the job stops"
+            )
+        raise
     recipe.cleanup()
-    out = Path(cfg.output_dir)
-    print(
-        f"done in {time.perf_counter() - start:.0f} s: checkpoint {out / 'checkpoints' / 'latest'} "
-        f"(PEFT adapter in its adapter/), logs in {out / 'logs'}"
-    )
+    if recipe._is_rank_zero:
+        out = Path(cfg.output_dir)
+        print(
+            f"done in {time.perf_counter() - start:.0f} s: checkpoint {out / 'checkpoints' / 'latest'} "
+            f"(PEFT adapter in its adapter/), logs in {out / 'logs'}"
+        )
 
 
 @config.parse

@@ -12,6 +12,10 @@ copy with the method's own objective and scores the held-out questions
 ``{output_dir}/predictions.jsonl`` (task, example id, seed, variant, pruning level,
 option probabilities, gold) and ``{output_dir}/results.json`` (per-task and macro
 metrics, mean +- SE over seeds), and prints the table.
+
+Launched with ``tune run --nproc_per_node N``, each process evaluates every N-th task
+(each holds the whole model; a task's result depends only on its seed, so the results
+equal a single process's) and rank 0 gathers and writes them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import record
 from torchtune import config, training, utils
 from torchtune.config._errors import ConfigError
 from tqdm import tqdm
@@ -34,6 +39,7 @@ from abmll_tune.checkpointing import (
     read_checkpoint_meta,
 )
 from abmll_tune.data.records import DataError
+from abmll_tune.distributed import all_gather_objects, init_process_group, launched_by_torchrun
 from abmll_tune.evaluation import (
     chance_accuracy,
     default_variant,
@@ -63,6 +69,7 @@ KEYS = {
     "seed",
     "device",
     "dtype",
+    "collective_timeout_s",
 }
 RESULTS_FORMAT = "abmll-tune-results"
 
@@ -96,6 +103,10 @@ class FewShotEvaluationRecipe:
         self._output_dir = check_output_dir(cfg.output_dir)
         self._device = utils.get_device(device=cfg.get("device", "cpu"))
         self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+        self._world_size, self._rank = 1, 0
+        if launched_by_torchrun():
+            timeout = cfg.get("collective_timeout_s", 1800)
+            self._world_size, self._rank = init_process_group(self._device, timeout)
         training.set_seed(seed=cfg.get("seed", 0))
 
     def setup(self, cfg: DictConfig) -> None:
@@ -146,20 +157,31 @@ class FewShotEvaluationRecipe:
                         self._data.split.root,
                     )
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict | None:
+        """Evaluate (this process's share of) the tasks; rank 0 writes and returns the results."""
         s = self._settings
+        mine = self._tasks[self._rank :: self._world_size]
         with tqdm(
-            total=len(self._tasks) * len(s.seeds), desc=f"evaluating {self._method}", unit="task"
+            total=len(mine) * len(s.seeds),
+            desc=f"evaluating {self._method}",
+            unit="task",
+            disable=self._rank != 0,
         ) as bar:
             records = evaluate_tasks(
                 self._model,
                 self._data,
-                self._tasks,
+                mine,
                 s,
                 method=self._method,
                 meta=self._meta,
                 progress=bar,
             )
+        if self._world_size > 1:  # back into the single-process order: by task, then as run
+            order = {task: i for i, task in enumerate(self._tasks)}
+            gathered = [r for share in all_gather_objects(records) for r in share]
+            records = sorted(gathered, key=lambda r: order[r["task"]])
+            if self._rank != 0:
+                return None
         results = {
             "format": RESULTS_FORMAT,
             "version": 1,
@@ -178,6 +200,7 @@ class FewShotEvaluationRecipe:
                 if k in self._train_config
             },
             "chance_accuracy": chance_accuracy(self._data, self._tasks, s.part),
+            "processes": self._world_size,
             "metrics": summarize(records),
         }
         atomic_write_text(
@@ -202,6 +225,7 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+@record  # under torchrun: a failing rank's traceback is reported and the job stops
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="FewShotEvaluationRecipe", cfg=cfg)
@@ -214,8 +238,13 @@ def recipe_main(cfg: DictConfig) -> None:
         raise SystemExit(2) from None
     with torch.inference_mode(False):
         results = recipe.evaluate()
-    print(format_results(results))
-    print(f"done in {time.perf_counter() - start:.0f} s: {Path(cfg.output_dir) / 'results.json'}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if results is not None:
+        print(format_results(results))
+        print(
+            f"done in {time.perf_counter() - start:.0f} s: {Path(cfg.output_dir) / 'results.json'}"
+        )
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         self.disabled = False  # honoured by torchtune.modules.peft.disable_adapter
         self.layer_name = f"VariationalLoRALinear({in_dim}->{out_dim})"  # set by builders
         self._weight_var_cache: tuple | None = None
+        self._weight_var_pinned: float | None = None
 
         linear = nn.Linear(in_features=in_dim, out_features=out_dim, bias=use_bias)
         weight = linear.weight
@@ -335,8 +336,17 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         return float(prior_mu_var)
 
     @torch.no_grad()
+    def pin_pretrained_weight_variance(self) -> float:
+        """Compute W0's variance now and keep it: FSDP is about to shard W0, after which no
+        rank holds the whole weight (the base is frozen, so the value cannot change)."""
+        self._weight_var_pinned = None
+        self._weight_var_pinned = self.pretrained_weight_variance()
+        return self._weight_var_pinned
+
     def pretrained_weight_variance(self) -> float:
         """Population variance of the frozen W0 (float64, row-chunked, cached per weight version)."""
+        if self._weight_var_pinned is not None:
+            return self._weight_var_pinned
         w = self.weight
         key = (w.data_ptr(), w._version, tuple(w.shape))
         if self._weight_var_cache is not None and self._weight_var_cache[0] == key:

@@ -1,0 +1,122 @@
+"""Task-parallel throughput: tasks per second with 1 and 2 processes, and the scaling efficiency.
+
+    python bench/bench_distributed.py --out bench_results/distributed.json    (part of make bench)
+
+Runs ``recipes/abmll_meta_distributed`` (ABMLL and Reptile) on the embedded suite and the
+tiny backbone with ``--nproc_per_node`` 1 and 2 (gloo on the CPU, one thread per process,
+so two processes use the two cores one process leaves idle), ``--reps`` times each,
+alternating, and reads the recipe's own ``train/tasks_per_second`` (time inside task
+visits, all-reduces included; setup, validation and checkpoints excluded). Scaling
+efficiency = throughput(2) / (2 x throughput(1)). On a GPU machine ``--device cuda
+--processes 1,2,4,8`` measures the same on GPUs (one per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TUNE = shutil.which("tune", path=str(Path(sys.executable).parent)) or "tune"
+
+
+def prepare(work: Path) -> list[str]:
+    from abmll_tune.data.embedded import MODEL_VOCAB
+
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": ""}
+    data, backbone = work / "data", work / "backbone"
+    if not (data / "embedded" / "manifest.json").is_file():
+        py = [sys.executable, "-m", "abmll_tune.data"]
+        subprocess.run([*py, "embedded", "--out", str(data / "src")], check=True, env=env)
+        subprocess.run(
+            [*py, "build", "--quiet", "--split", "embedded", "--source", str(data / "src")]
+            + ["--out", str(data / "embedded")],
+            check=True,
+            env=env,
+        )
+    if not (backbone / "model.safetensors").is_file():
+        subprocess.run(
+            [sys.executable, "-m", "abmll_tune.models.tiny", "--out", str(backbone)]
+            + ["--vocab-size", str(MODEL_VOCAB), "--max-seq-len", "256"],
+            check=True,
+            env=env,
+        )
+    tok = data / "src" / "tokenizer"
+    return [
+        f"tokenizer.path={tok / 'tokenizer.model'}",
+        f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",
+        f"checkpointer.checkpoint_dir={backbone}",
+        f"data.path={data / 'embedded'}",
+    ]
+
+
+def throughput(method: str, processes: int, device: str, common: list[str], work: Path) -> float:
+    out = Path(tempfile.mkdtemp(dir=work, prefix=f"{method}_{processes}_"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TIKTOKEN_CACHE_DIR": "", "OMP_NUM_THREADS": "1"}
+    cmd = [TUNE, "run", "--nproc_per_node", str(processes), "--standalone"]
+    cmd += ["recipes/abmll_meta_distributed", "--config"]
+    cmd += [f"configs/tiny_cpu_{method}_distributed.yaml", f"output_dir={out}", *common]
+    cmd += ["epochs=2", "validation=null", "save_every_n_visits=null", f"device={device}"]
+    cmd += ["keep_epoch_checkpoints=false", "log_peak_memory_stats=false"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    values = []
+    for log in sorted((out / "logs").glob("*.txt")):
+        for item in log.read_text().split():
+            if item.startswith("train/tasks_per_second:"):
+                values.append(float(item.split(":", 1)[1]))
+    shutil.rmtree(out, ignore_errors=True)
+    return values[-1]  # the second epoch: warm caches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench_results/distributed.json"))
+    parser.add_argument("--work", type=Path, default=Path("bench_results/distributed_work"))
+    parser.add_argument("--methods", default="abmll,reptile")
+    parser.add_argument("--processes", default="1,2")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    common = prepare(args.work.resolve())
+    counts = [int(n) for n in args.processes.split(",")]
+    rows = {}
+    for method in args.methods.split(","):
+        runs = {n: [] for n in counts}
+        for _ in range(args.reps):
+            for n in counts:  # alternating, so drift in the machine's load hits both alike
+                runs[n].append(throughput(method, n, args.device, common, args.work.resolve()))
+        base = statistics.median(runs[counts[0]])
+        rows[method] = {
+            str(n): {
+                "tasks_per_second": statistics.median(v),
+                "runs": v,
+                "scaling_efficiency": statistics.median(v) / (n / counts[0] * base),
+            }
+            for n, v in runs.items()
+        }
+    from abmll_tune.io import atomic_write_json
+
+    report = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "methods": rows}
+    atomic_write_json(args.out, report)
+    print(f"\nTask-parallel throughput ({args.device}, tiny backbone, medians of {args.reps})")
+    print(f"{'method':<10}{'processes':>10}{'tasks/s':>10}{'efficiency':>12}")
+    for method, by_n in rows.items():
+        for n, r in by_n.items():
+            print(
+                f"{method:<10}{n:>10}{r['tasks_per_second']:>10.2f}{r['scaling_efficiency']:>12.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Task-parallel meta-training: 2 CPU processes (gloo) launched by torchrun through
+`tune run --nproc_per_node`, against single-process references."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, TUNE
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from abmll_tune.data.loader import MetaTaskSampler
+from abmll_tune.distributed import DistributedTaskSampler, all_reduce_mean_
+from abmll_tune.modules import adapter_params_by_group, set_trainable_scope
+from abmll_tune.objectives import beta_kl, gamma_prior
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "TIKTOKEN_CACHE_DIR": "", "OMP_NUM_THREADS": "1"}
+CONFIG = {"abmll": "configs/tiny_cpu_abmll_distributed.yaml"}
+CONFIG["reptile"] = "configs/tiny_cpu_reptile_distributed.yaml"
+QUICK = ["validation=null", "save_every_n_visits=null", "log_peak_memory_stats=false"]
+
+
+def launch(processes: int, out: Path, overrides, *extra, method="abmll", script=None, timeout=300):
+    """`tune run --nproc_per_node N --standalone <recipe> ...`; returns the finished process."""
+    target = script or "recipes/abmll_meta_distributed"
+    cmd = [TUNE, "run", "--nproc_per_node", str(processes), "--standalone", target]
+    cmd += ["--config", CONFIG[method], f"output_dir={out}", *overrides, *QUICK, *extra]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def adapters(out: Path, which: str = "latest") -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / which / "adapters.safetensors"))
+
+
+def visited(out: Path, rank: int) -> list[dict]:
+    path = out / "logs" / f"task_visits_rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ sampler (one process)
+
+
+def _sampler(n_tasks: int, seed: int = 0, sampling: str = "uniform") -> MetaTaskSampler:
+    from abmll_tune.data.prompt import TokenizedExample
+
+    def example(task: str, i: int) -> TokenizedExample:
+        return TokenizedExample([1, 2, 3, 4], [-100, -100, 3, -100], [3, 5], 0, task, str(i))
+
+    tasks = {f"task{t:02d}": [example(f"task{t:02d}", i) for i in range(4)] for t in range(n_tasks)}
+    return MetaTaskSampler(
+        tasks, batch_size=1, batches_per_task=2, seed=seed, task_sampling=sampling
+    )
+
+
+@pytest.mark.parametrize("n_tasks, world", [(10, 2), (10, 3), (7, 7)])
+def test_sampler_gives_each_rank_distinct_tasks_and_equal_steps(n_tasks, world):
+    base = _sampler(n_tasks)
+    shares = [DistributedTaskSampler(base, rank=r, world_size=world) for r in range(world)]
+    for epoch in (0, 1):
+        per_rank = [[v.task for v in s.visits(epoch)] for s in shares]
+        assert {len(tasks) for tasks in per_rank} == {n_tasks // world}
+        flat = [t for tasks in per_rank for t in tasks]
+        assert len(set(flat)) == len(flat)  # no task twice in an epoch, across ranks
+        plan = base.epoch_plan(epoch)  # outer step s: plan positions s*N .. s*N + N - 1
+        for step in range(n_tasks // world):
+            assert [tasks[step] for tasks in per_rank] == plan[step * world : (step + 1) * world]
+    assert shares[0].dropped_per_epoch == n_tasks % world
+
+
+def test_sampler_resumes_and_refuses_another_world_size():
+    share = DistributedTaskSampler(_sampler(10), rank=1, world_size=2)
+    gen = share.visits(0)
+    [next(gen) for _ in range(3)]
+    state = share.state_dict()
+    fresh = DistributedTaskSampler(_sampler(10), rank=1, world_size=2)
+    fresh.load_state_dict(state)
+    epoch, start = fresh.resume_point()
+    assert (epoch, start) == (0, 3)
+    rest = [(v.position, v.task) for v in fresh.visits(epoch, start)]
+    assert rest == [(v.position, v.task) for v in share.visits(0, 3)]
+    other = DistributedTaskSampler(_sampler(10), rank=0, world_size=5)
+    with pytest.raises(ValueError, match="written by 2 processes, this run has 5"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="cannot feed 4 ranks"):
+        DistributedTaskSampler(_sampler(3), rank=0, world_size=4)
+
+
+def test_all_reduce_is_the_identity_on_one_process():
+    t = [torch.randn(3, 2), torch.randn(4)]
+    before = [x.clone() for x in t]
+    all_reduce_mean_(t)
+    assert all(torch.equal(a, b) for a, b in zip(t, before, strict=True))
+
+
+# ------------------------------------------------------------------ 2 processes
+
+
+def _single_process_recipe(method: str, overrides, extra, out: Path):
+    from recipes.abmll_meta_single_device import MetaLearningRecipeSingleDevice
+
+    cfg = OmegaConf.load(REPO / CONFIG[method])
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([*overrides, *QUICK, *extra]))
+    cfg.output_dir = str(out)
+    recipe = MetaLearningRecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    return recipe, cfg
+
+
+@pytest.mark.parametrize("method", ["reptile", "abmll"])
+def test_one_outer_step_on_two_processes_equals_the_averaged_single_process_update(
+    method, embedded_overrides, tmp_path
+):
+    # ABMLL with the posterior mean in the forward pass: the inner loops are deterministic,
+    # so both sides must see exactly the same local adapters
+    extra = ["stop_after_visits=1"] + (["model.sampling=mean"] if method == "abmll" else [])
+    out = tmp_path / "dist"
+    result = launch(2, out, embedded_overrides, *extra, method=method)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = adapters(out)
+
+    # the reference: one process adapts to the two tasks one after the other from the same
+    # global adapters, then averages the two updates (README, "Several GPUs")
+    recipe, cfg = _single_process_recipe(method, embedded_overrides, extra, tmp_path / "ref")
+    model, learner, sampler = recipe._model, recipe._learner, recipe._sampler
+    globals_ = adapter_params_by_group(model, "global")
+    locals_ = adapter_params_by_group(model, "local")
+    theta0 = {k: p.detach().clone() for k, p in globals_.items()}
+    assert set(theta0) <= set(got)
+    plan = sampler.epoch_plan(0)
+    phis = []
+    for rank in range(2):
+        visit = sampler.visit(0, rank, plan[rank])
+        assert [json.loads(x)["task"] for x in (out / "logs" / f"task_visits_rank{rank}.jsonl").read_text().splitlines()] == [visit.task]  # fmt: skip
+        learner.begin_task()
+        for batch in visit.batches:
+            learner.inner_step([batch])
+        phis.append({k: p.detach().clone() for k, p in locals_.items()})
+    local_name = {k: k.replace(".lora_global_", ".lora_local_") for k in theta0}
+    eps = {"mean": cfg.outer_step_mean, "std": cfg.get("outer_step_std", 0.0)}
+    expected = {}
+    for k, t0 in theta0.items():
+        delta = sum(phi[local_name[k]] - t0 for phi in phis) / 2
+        expected[k] = t0 + eps["std" if ".lora_global_std_" in k else "mean"] * delta
+    if (
+        method == "abmll"
+    ):  # then one AdamW step of the std pairs on the averaged KL + prior gradient
+        grads = []
+        for phi in phis:
+            with torch.no_grad():
+                for k, p in globals_.items():
+                    p.copy_(expected[k])
+                    locals_[local_name[k]].copy_(phi[local_name[k]])
+            set_trainable_scope(model, "global")
+            model.zero_grad(set_to_none=True)
+            (beta_kl(model, learner.cfg.elbo) + gamma_prior(model, learner.cfg.elbo)).backward()
+            grads.append(
+                {k: p.grad.clone() for k, p in globals_.items() if ".lora_global_std_" in k}
+            )
+        stds = {k: expected[k].clone().requires_grad_(True) for k in grads[0]}
+        optimizer = torch.optim.AdamW(stds.values(), lr=cfg.outer_lr_std, weight_decay=0.0)
+        for k, p in stds.items():
+            p.grad = ((grads[0][k] + grads[1][k]) / 2).clamp(
+                -cfg.std_grad_clamp, cfg.std_grad_clamp
+            )
+        optimizer.step()
+        expected.update({k: p.detach() for k, p in stds.items()})
+    moved = max(float((expected[k] - theta0[k]).abs().max()) for k in theta0)
+    assert moved > 1e-4  # the step is not trivially zero
+    for k in theta0:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_two_processes_visit_disjoint_tasks_and_resume_exactly(embedded_overrides, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    result = launch(2, full, embedded_overrides, "epochs=1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    visits = [visited(full, r) for r in range(2)]
+    tasks = [[v["task"] for v in rows] for rows in visits]
+    assert len(tasks[0]) == len(tasks[1]) == 20  # 40 training tasks, 2 per outer step
+    assert not set(tasks[0]) & set(tasks[1]) and len(set(tasks[0] + tasks[1])) == 40
+    assert [v["position"] % 2 for v in visits[1]] == [1] * 20
+
+    stopped = launch(2, split, embedded_overrides, "epochs=1", "stop_after_visits=7")
+    assert stopped.returncode == 0, stopped.stderr[-4000:]
+    meta = json.loads((split / "checkpoints" / "latest" / "meta.json").read_text())
+    assert meta["sampler"]["world_size"] == 2 and meta["progress"]["visits"] == 7
+    resumed = launch(2, split, embedded_overrides, "epochs=1", "resume_from_checkpoint=true")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    a, b = adapters(full), adapters(split)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: sampler and every rank's RNG restored
+    assert [v["task"] for v in visited(split, 1)] == tasks[1]
+
+    other = launch(1, split, embedded_overrides, "epochs=2", "resume_from_checkpoint=true")
+    assert other.returncode != 0
+    assert "resume with the same" in other.stderr + other.stdout
+
+
+def test_one_process_reproduces_the_single_device_recipe(embedded_overrides, tmp_path, capsys):
+    import helpers
+
+    extra = ["epochs=1", "stop_after_visits=6"]
+    result = launch(1, tmp_path / "dist", embedded_overrides, *extra)
+    assert result.returncode == 0, result.stderr[-4000:]
+    code, _, err = helpers.tune_run(
+        "abmll_meta_single_device",
+        CONFIG["abmll"],
+        f"output_dir={tmp_path / 'single'}",
+        *embedded_overrides,
+        *QUICK,
+        *extra,
+        capsys=capsys,
+    )
+    assert code == 0, err[-3000:]
+    a, b = adapters(tmp_path / "dist"), adapters(tmp_path / "single")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failing_rank_stops_the_whole_job_with_its_error(embedded_overrides, tmp_path):
+    start = time.perf_counter()
+    result = launch(
+        2,
+        tmp_path / "fail",
+        embedded_overrides,
+        "epochs=1",
+        "collective_timeout_s=60",
+        script="tests/distributed_scripts/failing_rank_recipe.py",
+        timeout=180,
+    )
+    elapsed = time.perf_counter() - start
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "rank 1 of 2 failed (RuntimeError: injected failure on rank 1)" in output
+    assert elapsed < 120, elapsed  # stopped by torchrun, well before the collective timeout
+
+
+def test_a_collective_with_a_vanished_peer_fails_within_the_timeout(tmp_path):
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    cmd += ["tests/distributed_scripts/vanishing_peer.py", "5"]
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "rank 0: collective failed after" in result.stdout + result.stderr
+    assert time.perf_counter() - start < 90
+
+
+def test_evaluation_spreads_tasks_over_two_processes_with_the_same_results(
+    embedded_overrides, tmp_path
+):
+    trained = tmp_path / "train"
+    assert launch(2, trained, embedded_overrides, "stop_after_visits=4").returncode == 0
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / f"eval{processes}"
+        cmd = [TUNE, "run", "--nproc_per_node", str(processes), "--standalone"]
+        cmd += ["recipes/evaluate_few_shot", "--config", "configs/tiny_cpu_eval.yaml"]
+        cmd += [f"output_dir={out}", *embedded_overrides, "evaluation.seeds=[100]"]
+        cmd += [
+            f"adapter_checkpoint={trained / 'checkpoints' / 'latest'}",
+            "evaluation.max_tasks=5",
+        ]
+        result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        results[processes] = json.loads((out / "results.json").read_text())
+        assert (out / "predictions.jsonl").read_text().count("\n") > 0
+    assert results[2]["tasks"] == results[1]["tasks"] and len(results[1]["tasks"]) == 5
+    assert results[2]["metrics"] == results[1]["metrics"]
+    assert results[2]["processes"] == 2
+    p1 = (tmp_path / "eval1" / "predictions.jsonl").read_text()
+    assert (tmp_path / "eval2" / "predictions.jsonl").read_text() == p1
