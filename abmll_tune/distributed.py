@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from abmll_tune.data.loader import MetaTaskSampler, TaskVisit
-from abmll_tune.modules import adapter_params_by_group, variational_lora_layers
+from abmll_tune.modules import adapter_params_by_group
 
 
 def world_size_and_rank() -> tuple[int, int]:
@@ -106,23 +106,25 @@ def all_gather_objects(obj) -> list:
 
 
 def shard_frozen_base(
-    model: nn.Module, *, cpu_offload: bool = False, reshard_after_forward: bool = True
+    model: nn.Module,
+    device: torch.device,
+    *,
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
 ) -> None:
     """FSDP2-shard the frozen base weights of each decoder layer (and the root), keeping
     every adapter parameter out of FSDP (replicated, updated only by this project's code).
 
-    The layers' W0 variances (the prior's ``prior_mu_var: pretrained``) are computed
-    before sharding, while each rank still holds the whole weight."""
+    Works on a model built on the meta device (then load the base weights with torchtune's
+    ``training.load_from_full_model_state_dict``). Pin each layer's W0 variance first
+    (``pin_pretrained_weight_variance``): after sharding no rank holds a whole W0."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
     from torchtune.modules import TransformerSelfAttentionLayer
 
-    for layer in variational_lora_layers(model).values():
-        layer.pin_pretrained_weight_variance()
     ignored = set(adapter_params_by_group(model).values())
-    device_type = next(p.device.type for p in model.parameters() if not p.is_meta)
     kwargs = dict(
-        mesh=init_device_mesh(device_type, (dist.get_world_size(),)),
+        mesh=init_device_mesh(device.type, (dist.get_world_size(),)),
         reshard_after_forward=reshard_after_forward,
         ignored_params=ignored,
     )

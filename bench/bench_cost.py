@@ -203,7 +203,13 @@ def worker_torchtune(
 
 
 def worker_abmll(
-    paths: dict, layers: int, steps: int, out_dir: str, device: str = "cpu", dtype: str = "fp32"
+    paths: dict,
+    layers: int,
+    steps: int,
+    out_dir: str,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    kl_dtype: str = "float64",
 ) -> dict:
     from omegaconf import OmegaConf
 
@@ -224,6 +230,7 @@ def worker_abmll(
         "data.max_seq_len": 128,
         "device": device,
         "dtype": dtype,
+        "model.kl_dtype": kl_dtype,
     }
     for key, value in {**overrides, **{f"model.{k}": v for k, v in _arch(layers).items()}}.items():
         OmegaConf.update(cfg, key, value, force_add=True)
@@ -305,28 +312,42 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--kl-dtype", default="float64", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         paths = json.loads(args.paths)
         with tempfile.TemporaryDirectory() as tmp:
             if args.worker == "scaling":
                 result = worker_scaling(paths, args.n)
+            elif args.worker == "torchtune":
+                result = worker_torchtune(
+                    paths, args.layers, args.steps, tmp, args.device, args.dtype
+                )
             else:
-                fn = worker_torchtune if args.worker == "torchtune" else worker_abmll
-                result = fn(paths, args.layers, args.steps, tmp, args.device, args.dtype)
+                result = worker_abmll(
+                    paths, args.layers, args.steps, tmp, args.device, args.dtype, args.kl_dtype
+                )
         print(json.dumps(result))
         return
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     paths = prepare(work, args.layers)
-    runs = {"torchtune_lora": [], "abmll": []}
+    # ABMLL with the KL and prior in float64 (the default) and in float32 (model.kl_dtype)
+    variants = (
+        ("torchtune_lora", "torchtune", "float64"),
+        ("abmll", "abmll", "float64"),
+        ("abmll_kl_float32", "abmll", "float32"),
+    )
+    runs = {name: [] for name, _, _ in variants}
     for rep in range(args.reps):
-        for name, worker in (("torchtune_lora", "torchtune"), ("abmll", "abmll")):
+        for name, worker, kl_dtype in variants:
             r = _spawn(
                 [
                     "--worker",
                     worker,
+                    "--kl-dtype",
+                    kl_dtype,
                     "--paths",
                     json.dumps(paths),
                     "--layers",
@@ -358,21 +379,24 @@ def main() -> None:
         "batch_size": 2,
         "runs": runs,
         "seconds_per_step": step,
-        "time_ratio": step["abmll"] / step["torchtune_lora"],
+        "time_ratio": {k: step[k] / step["torchtune_lora"] for k in step},
         "peak_rss_mib": peak,
-        "extra_peak_fraction": (peak["abmll"] - peak["torchtune_lora"]) / peak["torchtune_lora"],
+        "extra_peak_fraction": {
+            k: (peak[k] - peak["torchtune_lora"]) / peak["torchtune_lora"] for k in peak
+        },
         "scaling": scaling,
     }
     from abmll_tune.io import atomic_write_json
 
     atomic_write_json(args.out, report)
     print(f"\n{report['model']}, batch 2, {args.reps} alternating reps (full results: {args.out})")
-    print(f"{'recipe':<18}{'s/step':>8}{'peak RSS MiB':>14}")
+    print(f"{'recipe':<18}{'s/step':>8}{'x LoRA':>8}{'peak RSS MiB':>14}{'vs LoRA':>9}")
     for k in runs:
-        print(f"{k:<18}{step[k]:>8.2f}{peak[k]:>14.0f}")
-    print(
-        f"ABMLL / torchtune LoRA: time x{report['time_ratio']:.2f}, peak memory {100 * report['extra_peak_fraction']:+.1f}% (targets: <= 1.2x, flat in tasks)"
-    )
+        print(
+            f"{k:<18}{step[k]:>8.2f}{report['time_ratio'][k]:>8.2f}{peak[k]:>14.0f}"
+            f"{100 * report['extra_peak_fraction'][k]:>+8.1f}%"
+        )
+    print("targets: time <= 1.2x torchtune LoRA, memory flat in the number of tasks")
     print(f"{'tasks':>6}{'s/task':>10}{'peak RSS MiB':>14}")
     for s in scaling:
         print(f"{s['n_tasks']:>6}{s['seconds_per_task']:>10.3f}{s['peak_rss_mib']:>14.0f}")

@@ -8,9 +8,11 @@ in the style of torchtune's ``lora_finetune_distributed``:
 
 1. the process group (NCCL on GPUs, gloo on the CPU) with a bounded collective
    timeout (``collective_timeout_s``), one device per process;
-2. FSDP2 shards the frozen base model per decoder layer; the adapters stay plain
-   replicated tensors (:func:`abmll_tune.distributed.shard_frozen_base`), and rank 0's
-   initial global adapters are broadcast to every rank;
+2. the model is built on the meta device, FSDP2 shards the frozen base per decoder
+   layer, and the base weights are loaded into the shards
+   (torchtune's ``load_from_full_model_state_dict``); the adapters stay plain replicated
+   tensors (:func:`abmll_tune.distributed.shard_frozen_base`), initialised from the seed
+   as on one device and broadcast from rank 0;
 3. each rank visits different tasks (:class:`abmll_tune.distributed.DistributedTaskSampler`),
    runs its inner loop alone, and the outer step averages the ranks' deltas and
    gradients (:func:`abmll_tune.distributed.all_reduce_mean_`): N processes = N tasks
@@ -28,11 +30,14 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
-from torchtune import config, utils
+from torchtune import config, modules, training, utils
+from torchtune.modules.peft import validate_missing_and_unexpected_for_lora
 
 from abmll_tune import distributed
+from abmll_tune.modules import variational_lora_layers
 from abmll_tune.recipe_config import RecipeConfigError
 from recipes.abmll_meta_single_device import MetaLearningRecipeSingleDevice, run
 
@@ -69,13 +74,52 @@ class MetaLearningRecipeDistributed(MetaLearningRecipeSingleDevice):
         return distributed.all_reduce_mean_
 
     def _setup_model(self, cfg: DictConfig):
-        model = super()._setup_model(cfg)
-        distributed.broadcast_global_adapters_(model)
+        """Build on the meta device, shard, then load: no process ever holds the whole base
+        model on its device. Every process reads the checkpoint into host memory, as
+        torchtune's distributed recipes do (with only rank 0 reading, torch 2.13 leaves the
+        root's parameters of the other ranks on the meta device)."""
+        s = self._settings
+        checkpointer = config.instantiate(cfg.checkpointer)
+        state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+        self._checkpointer_config = getattr(checkpointer, "_config", {})
+        with training.set_default_dtype(self._dtype), torch.device("meta"):
+            model = config.instantiate(cfg.model)
+        layers = variational_lora_layers(model)
+        for prefix, layer in layers.items():  # the prior's prior_mu_var: pretrained, from W0
+            layer.pin_pretrained_weight_variance(
+                layer.weight_variance_of(state[f"{prefix}.weight"])
+            )
+        if s["enable_activation_checkpointing"]:
+            training.set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
         distributed.shard_frozen_base(
             model,
-            cpu_offload=self._settings["fsdp_cpu_offload"],
-            reshard_after_forward=self._settings["fsdp_reshard_after_forward"],
+            self._device,
+            cpu_offload=s["fsdp_cpu_offload"],
+            reshard_after_forward=s["fsdp_reshard_after_forward"],
         )
+        with training.set_default_dtype(self._dtype), self._device:
+            adapted = {id(layer) for layer in layers.values()}
+            for module in model.modules():
+                if id(module) in adapted:
+                    module.to_empty(device=self._device)  # the adapters only
+                if hasattr(module, "rope_init"):
+                    module.rope_init()
+        self._init_adapters(model)  # from the seed alone, as on one device
+        distributed.broadcast_global_adapters_(model)  # and guaranteed equal on every rank
+        missing, unexpected = training.load_from_full_model_state_dict(
+            model, state, self._device, strict=False, cpu_offload=s["fsdp_cpu_offload"]
+        )
+        validate_missing_and_unexpected_for_lora(
+            lora_attn_modules=list(cfg.model.get("lora_attn_modules", [])),
+            apply_lora_to_mlp=cfg.model.get("apply_lora_to_mlp", False),
+            apply_lora_to_output=cfg.model.get("apply_lora_to_output", False),
+            base_missing=missing,
+            base_unexpected=unexpected,
+        )
+        if s["compile"]:
+            training.compile_model(model)
         return model
 
     def _setup_sampler(self, cfg: DictConfig):

@@ -44,7 +44,7 @@ from abmll_tune.evaluation import default_variant, evaluate_tasks
 from abmll_tune.io import atomic_write_text
 from abmll_tune.meta import MetaLearner
 from abmll_tune.metrics import summarize
-from abmll_tune.modules import sigma_summary
+from abmll_tune.modules import sigma_summary, variational_lora_layers
 from abmll_tune.recipe_config import (
     RESUME_INVARIANTS,
     RecipeConfigError,
@@ -126,6 +126,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         model, self._checkpointer_config = build_model_from_checkpoint(
             cfg.model, cfg.checkpointer, device=self._device, dtype=self._dtype
         )
+        self._init_adapters(model)
         if self._settings["enable_activation_checkpointing"]:
             training.set_activation_checkpointing(
                 model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
@@ -133,6 +134,15 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         if self._settings["compile"]:
             training.compile_model(model)
         return model
+
+    def _init_adapters(self, model: torch.nn.Module) -> None:
+        """(Re)initialise the adapters from the seed alone, then seed the training's own
+        random stream: a model built on the meta device (the distributed recipe) or on
+        the CPU then starts from the same adapters and draws the same noise."""
+        torch.manual_seed(self._settings["seed"])
+        for layer in variational_lora_layers(model).values():
+            layer.initialize_parameters()
+        training.set_seed(seed=self._settings["seed"])  # + rank, if distributed
 
     def _setup_sampler(self, cfg: DictConfig):
         self._data = config.instantiate(cfg.data, tokenizer=self._tokenizer)

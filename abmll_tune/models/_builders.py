@@ -13,7 +13,7 @@ Every builder accepts torchtune's LoRA argument names (``lora_attn_modules``,
 ``apply_lora_to_mlp``, ``apply_lora_to_output``, ``lora_rank``, ``lora_alpha``,
 ``lora_dropout``, ``quantize_base``) plus the ABMLL options of
 :class:`~abmll_tune.modules.VariationalLoRALinear` (``std_param``, ``sampling``,
-``sigma_floor``, ``variational``, ``std_b_init_std``, ``chunk_elements``).
+``sigma_floor``, ``variational``, ``std_b_init_std``, ``chunk_elements``, ``kl_dtype``).
 Everything except the adapters is frozen.
 """
 
@@ -135,6 +135,7 @@ _ADAPTER_ARGS = (
     "variational",
     "std_b_init_std",
     "chunk_elements",
+    "kl_dtype",
 )
 
 

@@ -97,7 +97,7 @@ def _variance_inplace(
     pass over a chunk, and every fresh allocation, costs.
     """
     if std_param == "exp":  # log sigma^2 = 2 log c + 2 m
-        log_sum = m.mul_(2.0).add_(2.0 * math.log(floor)).sum()
+        log_sum = m.mul_(2.0).add_(2.0 * math.log(floor)).sum(dtype=torch.float64)
         m.exp_()
         if half_slope_out is not None:
             half_slope_out.copy_(m)
@@ -106,11 +106,11 @@ def _variance_inplace(
         if half_slope_out is not None:
             half_slope_out.copy_(m)
         m.mul_(m).add_(floor * floor)
-        return torch.log(m, out=log_out).sum()
+        return torch.log(m, out=log_out).sum(dtype=torch.float64)
     m.add_(floor)  # affine: sigma^2 = (m + c)^2
     if half_slope_out is not None:
         half_slope_out.copy_(m)
-    log_sum = 2.0 * torch.abs(m, out=log_out).log_().sum()
+    log_sum = 2.0 * torch.abs(m, out=log_out).log_().sum(dtype=torch.float64)
     m.mul_(m)
     return log_sum
 
@@ -168,6 +168,7 @@ class ChunkedTerm:
     products: tuple[LowRankProduct, ...]
     fn: Callable[..., tuple[Tensor, list[Tensor | None]]]
     with_grad: bool
+    dtype: torch.dtype = torch.float64  # of the dense chunks; sums accumulate in float64
 
 
 class _RowChunkedSum(torch.autograd.Function):
@@ -176,7 +177,7 @@ class _RowChunkedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, term: ChunkedTerm, *factors: Tensor) -> Tensor:
         need_factor = [term.with_grad and n for n in ctx.needs_input_grad[1:]]
-        f64 = [f.detach().to(torch.float64) for f in factors]
+        f64 = [f.detach().to(term.dtype) for f in factors]
         s = term.scale
         cats = []  # per product: (s * A_cat, B_cat), the signs folded into B
         for prod in term.products:
@@ -268,6 +269,7 @@ def kl_diag_gaussians(
     std_param: str,
     layer: str = "<layer>",
     chunk_rows: int | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """KL(q || p) between two diagonal Gaussians over one layer's weights (Eq. 2).
 
@@ -277,7 +279,8 @@ def kl_diag_gaussians(
 
         sum  log(sig_p / sig_q) + (sig_q^2 + (mu_q - mu_p)^2) / (2 sig_p^2) - 1/2.
 
-    Computed in float64, ``chunk_rows`` rows at a time, gradients in closed form:
+    Computed in ``dtype`` (float64 by default; float32 halves the memory traffic, with
+    sums still accumulated in float64), ``chunk_rows`` rows at a time, gradients in closed form:
     dKL/d(mu_q - mu_p) = (mu_q - mu_p) / sig_p^2, dKL/dsig_q^2 = (1/sig_p^2 - 1/sig_q^2) / 2,
     dKL/dsig_p^2 = (1 - (sig_q^2 + (mu_q - mu_p)^2) / sig_p^2) / (2 sig_p^2).
     Returns a float64 scalar.
@@ -304,7 +307,7 @@ def kl_diag_gaussians(
         ratio = torch.addcmul(var_q, diff, diff, out=scratch(5)).mul_(
             inv_p
         )  # (sig_q^2 + d^2) / sig_p^2
-        value = 0.5 * (log_p - log_q + ratio.sum() - ratio.numel())
+        value = 0.5 * (log_p - log_q + ratio.sum(dtype=torch.float64) - ratio.numel())
         grads: list[Tensor | None] = [None, None, None]
         if need[2]:  # (1 - ratio) / sig_p^2 * (d sig_p^2 / dm_p) / 2
             grads[2] = slope_p.mul_(ratio.neg_().add_(1.0).mul_(inv_p))
@@ -323,6 +326,7 @@ def kl_diag_gaussians(
         products,
         fn,
         torch.is_grad_enabled(),
+        dtype,
     )
     return _RowChunkedSum.apply(term, *q_mean, *q_std, *p_mean, *p_std)
 
@@ -339,6 +343,7 @@ def neg_log_prior(
     b0: float,
     layer: str = "<layer>",
     chunk_rows: int | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """-log p(theta) for one layer's global Gaussian (method.md section 1).
 
@@ -373,9 +378,9 @@ def neg_log_prior(
         flat_mu = mu.reshape(-1)
         value = (
             mu.numel() * const
-            + torch.dot(flat_mu, flat_mu) / (2.0 * prior_mu_var)
+            + torch.dot(flat_mu, flat_mu).to(torch.float64) / (2.0 * prior_mu_var)
             + (a0 - 1.0) * log_sum
-            + b0 * inv.sum()
+            + b0 * inv.sum(dtype=torch.float64)
         )
         grads: list[Tensor | None] = [None, None]
         if need[0]:
@@ -396,6 +401,7 @@ def neg_log_prior(
         products,
         fn,
         torch.is_grad_enabled(),
+        dtype,
     )
     return _RowChunkedSum.apply(term, *mean, *std)
 

@@ -47,6 +47,7 @@ ADAPTER_MODES = ("local_sample", "local_mean", "global_mean", "global_sample")
 SAMPLING = ("local", "weight", "mean")
 SCOPES = ("global", "local")
 KINDS = ("mean", "std")
+KL_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DEFAULT_SIGMA_FLOOR = math.exp(-20.0)
 
 
@@ -73,6 +74,10 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             no gradient until B moves. A small value (e.g. 1e-3) breaks the tie.
         chunk_elements (int): elements of one dense chunk in KL, prior and dense
             sampling (bounds their transient memory). Default 2**18.
+        kl_dtype (str): precision of the dense KL and prior work: ``float64`` (default,
+            method.md's numerics) or ``float32`` (about half the time of that memory-bound
+            work; sums still accumulate in float64; gradients agree to float32 precision,
+            less where ``affine``'s sigma nears 0: keep float64 with ``affine``).
         **quantization_kwargs: passed to ``to_nf4`` when ``quantize_base``.
     """
 
@@ -92,9 +97,12 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         variational: bool = True,
         std_b_init_std: float = 0.0,
         chunk_elements: int = gaussian.DEFAULT_CHUNK_ELEMENTS,
+        kl_dtype: str = "float64",
         **quantization_kwargs,
     ):
         super().__init__()
+        if kl_dtype not in KL_DTYPES:
+            raise ValueError(f"kl_dtype must be one of {tuple(KL_DTYPES)}, got {kl_dtype!r}")
         if rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank}")
         gaussian._check_std_param(std_param)
@@ -117,6 +125,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         self.variational = variational
         self.std_b_init_std = float(std_b_init_std)
         self.chunk_elements = chunk_elements
+        self.kl_dtype = kl_dtype
         self._quantize_base = quantize_base
         self.mode = "local_sample" if variational else "local_mean"
         self.disabled = False  # honoured by torchtune.modules.peft.disable_adapter
@@ -292,6 +301,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             std_param=self.std_param,
             layer=self.layer_name,
             chunk_rows=gaussian.chunk_rows_for(self.in_dim, self.chunk_elements),
+            dtype=KL_DTYPES[self.kl_dtype],
         )
 
     def neg_log_prior_global(
@@ -321,6 +331,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             b0=b0,
             layer=self.layer_name,
             chunk_rows=gaussian.chunk_rows_for(self.in_dim, self.chunk_elements),
+            dtype=KL_DTYPES[self.kl_dtype],
         )
 
     def resolve_prior_mu_var(self, prior_mu_var: float | str | None) -> float:
@@ -336,11 +347,14 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         return float(prior_mu_var)
 
     @torch.no_grad()
-    def pin_pretrained_weight_variance(self) -> float:
-        """Compute W0's variance now and keep it: FSDP is about to shard W0, after which no
-        rank holds the whole weight (the base is frozen, so the value cannot change)."""
+    def pin_pretrained_weight_variance(self, value: float | None = None) -> float:
+        """Fix W0's variance to ``value`` (default: computed now from ``self.weight``) for
+        good. For FSDP, which shards W0 so that no rank holds the whole weight (the base
+        is frozen, so the value cannot change)."""
         self._weight_var_pinned = None
-        self._weight_var_pinned = self.pretrained_weight_variance()
+        self._weight_var_pinned = (
+            self.pretrained_weight_variance() if value is None else float(value)
+        )
         return self._weight_var_pinned
 
     def pretrained_weight_variance(self) -> float:
@@ -355,6 +369,17 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             raise RuntimeError(f"{self.layer_name}: the base weight is on the meta device")
         if self._quantize_base:
             w = w.get_original_weight()
+        var = self.weight_variance_of(w)
+        self._weight_var_cache = (key, var)
+        return var
+
+    def weight_variance_of(self, w: Tensor) -> float:
+        """Population variance of a d_out x d_in weight (float64, row-chunked)."""
+        if tuple(w.shape) != (self.out_dim, self.in_dim):
+            raise ValueError(
+                f"{self.layer_name}: weight of shape {tuple(w.shape)}, expected "
+                f"{(self.out_dim, self.in_dim)}"
+            )
         rows = gaussian.chunk_rows_for(self.in_dim, self.chunk_elements)
         total = torch.zeros((), dtype=torch.float64, device=w.device)
         total_sq = torch.zeros((), dtype=torch.float64, device=w.device)
@@ -371,7 +396,6 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
                 "'pretrained' needs loaded pretrained weights. Load the checkpoint first or "
                 "give prior_mu_var as a number."
             )
-        self._weight_var_cache = (key, var)
         return var
 
     def _require_variational(self, what: str) -> None:
