@@ -85,6 +85,9 @@ SCHEMA: dict[str, Key] = {
     "collective_timeout_s": Key(
         NUM, 1800, minimum=1, doc="a collective waiting longer than this fails the job"
     ),
+    "shard_base": Key(
+        (bool,), True, doc="FSDP2-shard the frozen base; false: every process holds all of it"
+    ),
     "fsdp_cpu_offload": Key((bool,), False),
     "fsdp_reshard_after_forward": Key((bool,), True),
     "log_peak_memory_stats": Key((bool,), True),

@@ -2,8 +2,9 @@
 
     python bench/bench_distributed.py --out bench_results/distributed.json    (part of make bench)
 
-Runs ``recipes/abmll_meta_distributed`` (ABMLL and Reptile) on the embedded suite and the
-tiny backbone with ``--nproc_per_node`` 1 and 2 (gloo on the CPU, one thread per process,
+Runs ``recipes/abmll_meta_distributed`` (ABMLL and Reptile, the frozen base FSDP2-sharded
+and replicated: ``shard_base``) on the embedded suite and the tiny backbone with
+``--nproc_per_node`` 1 and 2 (gloo on the CPU, one thread per process,
 so two processes use the two cores one process leaves idle), ``--reps`` times each,
 alternating, and reads the recipe's own ``train/tasks_per_second`` (time inside task
 visits, all-reduces included; setup, validation and checkpoints excluded). Scaling
@@ -58,7 +59,9 @@ def prepare(work: Path) -> list[str]:
     ]
 
 
-def throughput(method: str, processes: int, device: str, common: list[str], work: Path) -> float:
+def throughput(
+    method: str, processes: int, shard: bool, device: str, common: list[str], work: Path
+) -> float:
     out = Path(tempfile.mkdtemp(dir=work, prefix=f"{method}_{processes}_"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "TIKTOKEN_CACHE_DIR": "", "OMP_NUM_THREADS": "1"}
     cmd = [TUNE, "run", "--nproc_per_node", str(processes), "--standalone"]
@@ -66,6 +69,7 @@ def throughput(method: str, processes: int, device: str, common: list[str], work
     cmd += [f"configs/tiny_cpu_{method}_distributed.yaml", f"output_dir={out}", *common]
     cmd += ["epochs=2", "validation=null", "save_every_n_visits=null", f"device={device}"]
     cmd += ["keep_epoch_checkpoints=false", "log_peak_memory_stats=false"]
+    cmd += [f"shard_base={str(shard).lower()}"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
@@ -86,18 +90,28 @@ def main() -> None:
     parser.add_argument("--processes", default="1,2")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--shard", default="true,false", help="shard_base settings to measure (FSDP2 or replicated)"
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     common = prepare(args.work.resolve())
     counts = [int(n) for n in args.processes.split(",")]
     rows = {}
-    for method in args.methods.split(","):
+    settings = [
+        (method, shard == "true")
+        for method in args.methods.split(",")
+        for shard in args.shard.split(",")
+    ]
+    for method, shard in settings:
         runs = {n: [] for n in counts}
         for _ in range(args.reps):
             for n in counts:  # alternating, so drift in the machine's load hits both alike
-                runs[n].append(throughput(method, n, args.device, common, args.work.resolve()))
+                runs[n].append(
+                    throughput(method, n, shard, args.device, common, args.work.resolve())
+                )
         base = statistics.median(runs[counts[0]])
-        rows[method] = {
+        rows[f"{method} ({'sharded' if shard else 'replicated'} base)"] = {
             str(n): {
                 "tasks_per_second": statistics.median(v),
                 "runs": v,
@@ -110,11 +124,11 @@ def main() -> None:
     report = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "methods": rows}
     atomic_write_json(args.out, report)
     print(f"\nTask-parallel throughput ({args.device}, tiny backbone, medians of {args.reps})")
-    print(f"{'method':<10}{'processes':>10}{'tasks/s':>10}{'efficiency':>12}")
+    print(f"{'method':<28}{'processes':>10}{'tasks/s':>10}{'efficiency':>12}")
     for method, by_n in rows.items():
         for n, r in by_n.items():
             print(
-                f"{method:<10}{n:>10}{r['tasks_per_second']:>10.2f}{r['scaling_efficiency']:>12.2f}"
+                f"{method:<28}{n:>10}{r['tasks_per_second']:>10.2f}{r['scaling_efficiency']:>12.2f}"
             )
 
 

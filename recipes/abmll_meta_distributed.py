@@ -12,7 +12,9 @@ in the style of torchtune's ``lora_finetune_distributed``:
    layer, and the base weights are loaded into the shards
    (torchtune's ``load_from_full_model_state_dict``); the adapters stay plain replicated
    tensors (:func:`abmll_tune.distributed.shard_frozen_base`), initialised from the seed
-   as on one device and broadcast from rank 0;
+   as on one device and broadcast from rank 0. ``shard_base: false`` instead keeps the
+   whole frozen model on every process (when it fits): then a task visit needs no
+   collective at all, only the outer step's all-reduces;
 3. each rank visits different tasks (:class:`abmll_tune.distributed.DistributedTaskSampler`),
    runs its inner loop alone, and the outer step averages the ranks' deltas and
    gradients (:func:`abmll_tune.distributed.all_reduce_mean_`): N processes = N tasks
@@ -79,6 +81,10 @@ class MetaLearningRecipeDistributed(MetaLearningRecipeSingleDevice):
         torchtune's distributed recipes do (with only rank 0 reading, torch 2.13 leaves the
         root's parameters of the other ranks on the meta device)."""
         s = self._settings
+        if not s["shard_base"]:  # the whole frozen model on every process: no collective in a visit
+            model = super()._setup_model(cfg)
+            distributed.broadcast_global_adapters_(model)
+            return model
         checkpointer = config.instantiate(cfg.checkpointer)
         state = checkpointer.load_checkpoint()[training.MODEL_KEY]
         self._checkpointer_config = getattr(checkpointer, "_config", {})

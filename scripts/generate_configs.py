@@ -267,6 +267,9 @@ def build(
     if processes > 1:  # recipes/abmll_meta_distributed; visits count outer steps (N tasks each)
         cfg["save_every_n_visits"] = max(cfg["save_every_n_visits"] // processes, 1)
         cfg["collective_timeout_s"] = 1800 if paper else 120
+        # 8B: 16 GB of bf16 weights fit every GPU, and a replicated base needs no collective
+        # inside a task visit; 70B must be sharded (about 17.5 GB per GPU over 8)
+        cfg["shard_base"] = paper_model == "llama3_70b" or not paper
         cfg["fsdp_cpu_offload"] = False
         cfg["fsdp_reshard_after_forward"] = True
     where = f"{MODELS[paper_model]['title']}, {split}" if paper else "Embedded CPU suite"
