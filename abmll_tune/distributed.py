@@ -105,6 +105,16 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def gather_task_records(records: list[dict], tasks: Sequence[str]) -> list[dict]:
+    """Every rank's evaluation records (each rank evaluated ``tasks[rank::N]``), in the
+    order one process would have produced them: by task, then as each rank ran them."""
+    if world_size_and_rank()[0] == 1:
+        return records
+    order = {task: i for i, task in enumerate(tasks)}
+    gathered = [r for share in all_gather_objects(records) for r in share]
+    return sorted(gathered, key=lambda r: order[r["task"]])
+
+
 def shard_frozen_base(
     model: nn.Module,
     device: torch.device,

@@ -20,8 +20,9 @@ in the style of torchtune's ``lora_finetune_distributed``:
    gradients (:func:`abmll_tune.distributed.all_reduce_mean_`): N processes = N tasks
    per outer step. ``--nproc_per_node 1`` reproduces the single-device run exactly;
 4. rank 0 logs and writes the checkpoints (the adapters are replicated, so nothing is
-   gathered but every rank's RNG state); validation runs on every rank in lockstep
-   (the sharded forward needs all of them) and rank 0 records it.
+   gathered but every rank's RNG state); validation spreads its tasks over the ranks
+   with a replicated base, and runs on every rank in lockstep with a sharded one (the
+   sharded forward needs all of them); rank 0 records it.
 
 ``stop_after_visits``, ``save_every_n_visits`` and ``log_every_n_visits`` count outer
 steps (one task per rank each). ``method: abmll`` or ``reptile``; Regular and Structured
@@ -70,6 +71,7 @@ class MetaLearningRecipeDistributed(MetaLearningRecipeSingleDevice):
         utils.log_rank_zero(
             log, f"{world_size} processes, one task each per outer step ({self._device.type})"
         )
+        self._split_validation = not s["shard_base"]
         return world_size, rank
 
     def _reduce_mean(self):

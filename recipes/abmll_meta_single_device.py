@@ -39,7 +39,7 @@ from abmll_tune.checkpointing import (
 )
 from abmll_tune.data.loader import MetaTaskSampler, PooledBatchSampler, PooledVisits
 from abmll_tune.data.records import DataError
-from abmll_tune.distributed import all_gather_objects
+from abmll_tune.distributed import all_gather_objects, gather_task_records
 from abmll_tune.evaluation import default_variant, evaluate_tasks
 from abmll_tune.io import atomic_write_text
 from abmll_tune.meta import MetaLearner
@@ -70,6 +70,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         self._output_dir = check_output_dir(cfg.output_dir)
         self._device = utils.get_device(device=self._settings["device"])
         self._dtype = training.get_dtype(self._settings["dtype"], device=self._device)
+        self._split_validation = False  # one process: it validates on every task
         # one process here; the distributed recipe joins its process group at this point
         self._world_size, self._rank = self._init_processes()
         self._seed = training.set_seed(seed=self._settings["seed"])  # + rank, if distributed
@@ -253,11 +254,19 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             return None
         tasks = self._data.split.selection_tasks
         tasks = tasks[: settings.max_tasks] if settings.max_tasks else tasks
+        # processes that hold the whole model split the tasks (a sharded forward instead
+        # needs every rank on every task)
+        mine = tasks[self._rank :: self._world_size] if self._split_validation else tasks
         rng = torch.get_rng_state()  # validation must not change the training's randomness
         records = evaluate_tasks(
-            self._model, self._data, tasks, settings, method=self._meta.method, meta=self._meta
+            self._model, self._data, mine, settings, method=self._meta.method, meta=self._meta
         )
         torch.set_rng_state(rng)
+        if self._split_validation:
+            records = gather_task_records(records, tasks)
+            utils.log_rank_zero(
+                log, f"validation: {len(tasks)} tasks spread over {self._world_size} processes"
+            )
         summary = summarize(records)
         chosen = summary[f"{default_variant(self._meta.method)}@0"]["summary"]
         row = {"epoch": validation_epoch, "visits": self._visits_done}

@@ -39,7 +39,7 @@ from abmll_tune.checkpointing import (
     read_checkpoint_meta,
 )
 from abmll_tune.data.records import DataError
-from abmll_tune.distributed import all_gather_objects, init_process_group, launched_by_torchrun
+from abmll_tune.distributed import gather_task_records, init_process_group, launched_by_torchrun
 from abmll_tune.evaluation import (
     chance_accuracy,
     default_variant,
@@ -176,12 +176,9 @@ class FewShotEvaluationRecipe:
                 meta=self._meta,
                 progress=bar,
             )
-        if self._world_size > 1:  # back into the single-process order: by task, then as run
-            order = {task: i for i, task in enumerate(self._tasks)}
-            gathered = [r for share in all_gather_objects(records) for r in share]
-            records = sorted(gathered, key=lambda r: order[r["task"]])
-            if self._rank != 0:
-                return None
+        records = gather_task_records(records, self._tasks)
+        if self._rank != 0:
+            return None
         results = {
             "format": RESULTS_FORMAT,
             "version": 1,

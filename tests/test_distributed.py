@@ -25,11 +25,20 @@ CONFIG["reptile"] = "configs/tiny_cpu_reptile_distributed.yaml"
 QUICK = ["validation=null", "save_every_n_visits=null", "log_peak_memory_stats=false"]
 
 
-def launch(processes: int, out: Path, overrides, *extra, method="abmll", script=None, timeout=300):
+def launch(
+    processes: int,
+    out: Path,
+    overrides,
+    *extra,
+    method="abmll",
+    script=None,
+    timeout=300,
+    quick=QUICK,
+):
     """`tune run --nproc_per_node N --standalone <recipe> ...`; returns the finished process."""
     target = script or "recipes/abmll_meta_distributed"
     cmd = [TUNE, "run", "--nproc_per_node", str(processes), "--standalone", target]
-    cmd += ["--config", CONFIG[method], f"output_dir={out}", *overrides, *QUICK, *extra]
+    cmd += ["--config", CONFIG[method], f"output_dir={out}", *overrides, *quick, *extra]
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -221,6 +230,20 @@ def test_one_process_reproduces_the_single_device_recipe(embedded_overrides, tmp
     assert code == 0, err[-3000:]
     a, b = adapters(tmp_path / "dist"), adapters(tmp_path / "single")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_spread_over_processes_equals_one_process(embedded_overrides, tmp_path):
+    rows = {}
+    for processes in (1, 2):  # replicated base: each process validates every 2nd task
+        out = tmp_path / f"p{processes}"
+        extra = ["stop_after_visits=1", "shard_base=false", "validation.max_tasks=5"]
+        quick = [q for q in QUICK if not q.startswith("validation")]
+        result = launch(processes, out, embedded_overrides, *extra, quick=quick)
+        assert result.returncode == 0, result.stderr[-4000:]
+        spread = "validation: 5 tasks spread over 2 processes" in result.stdout + result.stderr
+        assert spread == (processes == 2)
+        rows[processes] = json.loads((out / "validation.jsonl").read_text().splitlines()[0])
+    assert rows[2] == rows[1] and rows[1]["epoch"] == 0
 
 
 def test_a_failing_rank_stops_the_whole_job_with_its_error(embedded_overrides, tmp_path):
