@@ -182,23 +182,36 @@ def summarize(out: Path, names: list[str], n_seeds: int) -> dict:
     return table
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, *, seeds: int) -> None:
+    """The options every training sweep over the embedded suite takes (this script's and
+    ``calibration_sweep.py``'s)."""
+    parser.add_argument("--seeds", type=int, default=seeds)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--workers", type=int, default=2)
+
+
+def run_all(run_one, names: list[str], args: argparse.Namespace, out: Path, common: list[str]):
+    """``run_one(name, seed, out, common, epochs)`` for every name and seed, ``--workers``
+    at a time (single-thread workers side by side double the throughput here)."""
+    jobs = [(n, seed) for n in names for seed in range(args.seeds)]
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        futures = [pool.submit(run_one, n, seed, out, common, args.epochs) for n, seed in jobs]
+        for future in futures:
+            future.result()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench_results/methods"))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--pretrain-steps", type=int, default=1500)
-    parser.add_argument("--workers", type=int, default=2)
+    add_run_arguments(parser, seeds=3)
     args = parser.parse_args()
     out = args.out.resolve()
     start = time.perf_counter()
     common = prepare(out, args.pretrain_steps)
     names = args.methods.split(",")
-    jobs = [(n, i) for n in names for i in range(args.seeds)]
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for future in [pool.submit(one_run, n, i, out, common, args.epochs) for n, i in jobs]:
-            future.result()
+    run_all(one_run, names, args, out, common)
     table = summarize(out, names, args.seeds)
     chance = table.pop("_chance")["accuracy"]
     report = {

@@ -21,12 +21,11 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_methods import REPO, TUNE, _run, prepare  # noqa: E402
+from bench_methods import REPO, TUNE, _run, add_run_arguments, prepare, run_all  # noqa: E402
 
 # name -> overrides of configs/tiny_cpu_abmll.yaml
 VARIANTS: dict[str, list[str]] = {
@@ -114,10 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench_results/calibration"))
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--pretrain-steps", type=int, default=1500)
-    parser.add_argument("--workers", type=int, default=2)
+    add_run_arguments(parser, seeds=2)
     args = parser.parse_args()
     out = args.out.resolve()
     start = time.perf_counter()
@@ -127,10 +123,7 @@ def main() -> None:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    jobs = [(n, s) for n in names for s in range(args.seeds)]
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for future in [pool.submit(one_run, n, s, out, common, args.epochs) for n, s in jobs]:
-            future.result()
+    run_all(one_run, names, args, out, common)
     table = summarize(out, names, args.seeds)
     chosen = choose(table) if "base" in table else None
     from abmll_tune.io import atomic_write_json

@@ -368,28 +368,20 @@ def all_configs() -> dict[str, str]:
                     split=split,
                     overrides=extra,
                 )
-    for method in ("abmll", "reptile"):
-        name = f"tiny_cpu_{method}_distributed"
-        out[name] = build(
-            name,
-            recipe="abmll_meta_distributed",
-            method=method,
-            n_demos=0,
-            paper_model=None,
-            split="embedded",
-            overrides={},
-            processes=2,
-        )
-    for model, processes, method in DISTRIBUTED:
-        suffix = "" if method == "abmll" else f"_{method}"
-        name = f"{model}_cls45{suffix}_{processes}gpu"
+    tiny = [(None, 2, "abmll"), (None, 2, "reptile")]  # the CPU pair (gloo)
+    for model, processes, method in tiny + list(DISTRIBUTED):
+        if model is None:
+            name = f"tiny_cpu_{method}_distributed"
+        else:
+            suffix = "" if method == "abmll" else f"_{method}"
+            name = f"{model}_cls45{suffix}_{processes}gpu"
         out[name] = build(
             name,
             recipe="abmll_meta_distributed",
             method=method,
             n_demos=0,
             paper_model=model,
-            split="cls45",
+            split="embedded" if model is None else "cls45",
             overrides={},
             processes=processes,
         )

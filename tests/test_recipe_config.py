@@ -15,28 +15,15 @@ EVAL_CONFIGS = [p for p in ALL if p.stem.endswith("_eval")]
 
 def test_the_shipped_configs_cover_the_papers_grid():
     names = {p.stem for p in CONFIGS}
+    baselines = ("reptile", "structured_lora", "lora", "abmll_metaicl", "reptile_metaicl")
+    baselines += ("metaicl",)
     for model in ("llama3_8b", "qwen2_7b"):
         for split in ("cls45", "cls23", "nli", "para", "mcqa"):
             assert f"{model}_{split}" in names  # ABMLL
-            for variant in (
-                "reptile",
-                "structured_lora",
-                "lora",
-                "abmll_metaicl",
-                "reptile_metaicl",
-                "metaicl",
-            ):
+            for variant in baselines:
                 assert f"{model}_{split}_{variant}" in names
         assert f"{model}_cls45_literal" in names
-    for variant in (
-        "abmll",
-        "reptile",
-        "structured_lora",
-        "lora",
-        "abmll_metaicl",
-        "reptile_metaicl",
-        "metaicl",
-    ):
+    for variant in ("abmll", *baselines):
         assert f"tiny_cpu_{variant}" in names
 
 
