@@ -14,10 +14,12 @@ from abmll_tune.data.build import BuildOptions, build_split, load_manifest
 from abmll_tune.data.embedded import BPE_VOCAB, MODEL_VOCAB, generate_suite, make_lexicon
 from abmll_tune.data.records import DataError, MCExample, read_jsonl_examples
 from abmll_tune.data.sources import (
+    METAICL_HUB_REVISION,
     MetaICLDirectory,
     MetaICLHub,
     convert_chembench,
     convert_legalbench,
+    open_source,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,29 +236,70 @@ def test_missing_source_file_is_named(embedded_source, tmp_path):
         MetaICLDirectory(src).read("emb-val-00", 16, 100, "train")
 
 
+def hub_stand_in(embedded_source: Path, root: Path, tasks: list[str]) -> Path:
+    """A local copy with the Hub dataset's layout: data/{task}/{task}_{k}_{seed}_{part}.jsonl."""
+    copy_suite(embedded_source, root / "data", tasks)
+    return root
+
+
 def test_hub_code_path_reads_the_same_examples_from_a_local_stand_in(embedded_source, tmp_path):
-    hub = MetaICLHub(str(embedded_source), cache_dir=str(tmp_path / "cache"))
+    stand_in = hub_stand_in(embedded_source, tmp_path / "hub", ["emb-val-01"])
+    hub = MetaICLHub(str(stand_in), cache_dir=str(tmp_path / "cache"))
     via_datasets = hub.read("emb-val-01", 16, 42, "train")
     direct = MetaICLDirectory(embedded_source).read("emb-val-01", 16, 42, "train")
     assert via_datasets == direct  # same fields and the same stable ids
+    assert "emb-val-01_16_42_train.jsonl" in hub.task_files("emb-val-01")
+    # the project's own layout (no data/ folder) is not the Hub's: nothing is found there
+    flat = MetaICLHub(str(embedded_source), cache_dir=str(tmp_path / "cache"))
+    assert flat.task_files("emb-val-01") == set()
+    with pytest.raises(DataError, match=r"data/emb-val-01/emb-val-01_16_42_train.jsonl: missing"):
+        flat.read("emb-val-01", 16, 42, "train")
+
+
+def test_hub_stand_in_builds_a_split_through_datasets(embedded_source, tmp_path):
+    tasks = ["emb-train-00", "emb-val-00"]
+    stand_in = hub_stand_in(embedded_source, tmp_path / "hub", tasks)
+    split_file = small_split_file(tmp_path, "[emb-train-00]", "[emb-val-00]")
+    common = dict(split="small", split_files=[str(split_file)])
+    via_hub = build_split(
+        BuildOptions(source=f"hub:{stand_in}", out=str(tmp_path / "a"), **common), **quiet()
+    )
+    direct = build_split(
+        BuildOptions(source=str(embedded_source), out=str(tmp_path / "b"), **common), **quiet()
+    )
+    assert via_hub["files"] == direct["files"]
+    assert via_hub["tasks"]["emb-train-00"]["train"]["train_source"] == "meta"
+
+
+def test_metaicl_hub_is_pinned_to_the_revision_whose_layout_the_code_reads():
+    source = open_source("metaicl-hub")
+    assert (source.repo, source.revision, source.prefix) == (
+        "allenai/metaicl-data",
+        METAICL_HUB_REVISION,
+        "data",
+    )
+    assert open_source("metaicl-hub", "main").revision == "main"
 
 
 def test_hub_without_network_gives_one_clear_error(tmp_path):
     code = (
         "from abmll_tune.data.sources import MetaICLHub\n"
         "from abmll_tune.data.records import DataError\n"
-        "try:\n"
-        f"    MetaICLHub(cache_dir={str(tmp_path)!r}).read('glue-rte', 16, 100, 'train')\n"
-        "except DataError as err:\n"
-        "    print('DATAERROR', err)\n"
+        f"hub = MetaICLHub(cache_dir={str(tmp_path)!r})\n"
+        "for call in (lambda: hub.read('glue-rte', 16, 100, 'train'),\n"
+        "             lambda: hub.task_files('glue-rte')):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except DataError as err:\n"
+        "        print('DATAERROR', err)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
-    assert "DATAERROR" in result.stdout, result.stdout + result.stderr
-    assert "pass its directory as --source DIR" in result.stdout
-    assert "allenai/metaicl-data/glue-rte/glue-rte_16_100_train.jsonl" in result.stdout
+    assert result.stdout.count("DATAERROR") == 2, result.stdout + result.stderr
+    assert result.stdout.count("pass its directory as --source DIR") == 2
+    assert "allenai/metaicl-data/data/glue-rte/glue-rte_16_100_train.jsonl" in result.stdout
 
 
 def write_tsv(path: Path, rows):

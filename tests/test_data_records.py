@@ -62,7 +62,7 @@ def test_option_filters_skip_and_count(tmp_path):
 
 def test_wholly_unusable_and_empty_files_raise(tmp_path):
     unusable = write_lines(tmp_path / "u.jsonl", [json.dumps(dict(GOOD, options=["yes"]))] * 3)
-    with pytest.raises(DataError, match="none of the 3 examples .* unusable"):
+    with pytest.raises(DataError, match="none of the 3 examples is usable"):
         read_jsonl_examples(unusable)
     empty = tmp_path / "e.jsonl"
     empty.write_text("\n\n")

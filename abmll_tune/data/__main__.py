@@ -3,6 +3,8 @@
     python -m abmll_tune.data embedded --out data/embedded_src
     python -m abmll_tune.data build --split embedded --source data/embedded_src --out data/embedded
     python -m abmll_tune.data build --split cls45 --source metaicl-hub --out data/cls45
+    python -m abmll_tune.data build --split cls45 --source ~/metaicl/data --out data/cls45 \
+        --skip-missing-tasks          # a k-shot-only copy: --train-source auto uses _test files
     python -m abmll_tune.data convert-legalbench --source legalbench/ --out data/legalbench_src
     python -m abmll_tune.data convert-chembench --source ChemBench/data --out data/chembench_src
     python -m abmll_tune.data splits
@@ -17,8 +19,9 @@ import argparse
 import sys
 import warnings
 
+from abmll_tune.data.build import TRAIN_SOURCES
 from abmll_tune.data.records import DataError
-from abmll_tune.data.sources import METAICL_SEEDS
+from abmll_tune.data.sources import METAICL_HUB_REVISION, METAICL_SEEDS
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -61,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", type=_seeds, default=METAICL_SEEDS, help="k-shot seeds (100,13,21,42,87)"
     )
     b.add_argument(
+        "--train-source",
+        choices=TRAIN_SOURCES,
+        default="auto",
+        help="where meta-training examples come from: meta ({task}_{train_k}_{train_seed}_train), "
+        "test ({task}_{k}_{seed}_test), kshot (union of the k-shot train/dev files), or auto: "
+        "the first of these a task has (default)",
+    )
+    b.add_argument(
         "--train-k", type=int, default=16384, help="k of the meta-training files (16384)"
     )
     b.add_argument(
@@ -97,7 +108,21 @@ def main(argv: list[str] | None = None) -> int:
         "--shuffle-options", action="store_true", help="shuffle each question's options (seeded)"
     )
     b.add_argument("--option-seed", type=int, default=0)
-    b.add_argument("--revision", default=None, help="Hub revision for metaicl-hub")
+    b.add_argument(
+        "--skip-missing-tasks",
+        action="store_true",
+        help="build the split without the tasks whose files are absent (listed in the manifest)",
+    )
+    b.add_argument(
+        "--drop-dead-options",
+        action="store_true",
+        help="remove options that are never the answer anywhere in a task",
+    )
+    b.add_argument(
+        "--revision",
+        default=None,
+        help=f"Hub revision (metaicl-hub default: {METAICL_HUB_REVISION[:12]}...)",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
     e = sub.add_parser(
@@ -137,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                         split_files=args.splits_file,
                         k=args.k,
                         seeds=args.seeds,
+                        train_source=args.train_source,
                         train_k=args.train_k,
                         train_seed=args.train_seed,
                         max_examples_per_task=args.max_examples_per_task,
@@ -146,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                         max_options=args.max_options,
                         shuffle_options=args.shuffle_options,
                         option_seed=args.option_seed,
+                        skip_missing_tasks=args.skip_missing_tasks,
+                        drop_dead_options=args.drop_dead_options,
                         revision=args.revision,
                     ),
                     progress=not args.quiet,

@@ -1,8 +1,8 @@
 """The embedded task suite: small synthetic multiple-choice tasks for CPU runs and tests.
 
-Generated deterministically by the project (no licensed text; ``../shared/spec/data.md``
-section 5). Pseudo-words form 8 *concepts* of 10 words, plus 40 noise words and 60
-*symbol* words. An input is 5-8 shuffled words, mostly from one concept, with 1-3
+Generated deterministically by the project (no licensed text; the design follows a
+prototype measured to make few-shot adaptation visible on a CPU). Pseudo-words form
+8 *concepts* of 10 words, plus 40 noise words and 60 *symbol* words. An input is 5-8 shuffled words, mostly from one concept, with 1-3
 noise words and, with probability 0.3, one distractor word of another concept. A task
 picks 2-4 concepts, shows its options as random per-task symbol words and assigns
 concepts to options at random, so the mapping can only be learnt from the task's own

@@ -1,12 +1,21 @@
 """Multiple-choice records in MetaICL's JSONL format, parsed and validated line by line.
 
-One example per line (``../shared/spec/data.md`` section 1)::
+One example per line (see ``docs/data.md``)::
 
     {"task": "superglue-cb", "input": "premise: ... [SEP] hypothesis: ...",
      "output": "contradiction", "options": ["contradiction", "entailment", "neutral"]}
 
-Every problem is reported as a :class:`DataError` naming the file, the line and what
-is wrong, so a user can fix their file.
+Two kinds of problem are kept apart:
+
+* a **broken file** (not JSON lines, a missing or mistyped field, bytes that are not
+  UTF-8, an answer that is not among the options, another task's name) raises a
+  :class:`DataError` naming the file, the line and what is wrong, so a user can fix it;
+* a **well-formed but unusable question** (real copies of CrossFit data have a few) is
+  skipped or repaired by :func:`apply_question_policy` and counted by reason in
+  :class:`ParseStats`, which the data command reports per task (``docs/data.md`` has
+  the table).
+
+A UTF-8 byte-order mark at the start of a file is accepted.
 """
 
 from __future__ import annotations
@@ -55,14 +64,62 @@ class MCExample:
 
 @dataclass
 class ParseStats:
-    """What a filter dropped, by reason (reported by the data command)."""
+    """What the question policy dropped or repaired, by reason (reported by the data command)."""
 
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
 
     def merge(self, other: ParseStats) -> None:
         self.kept += other.kept
         self.skipped.update(other.skipped)
+        self.repaired.update(other.repaired)
+
+
+# Reasons of the per-question policy, as they appear in manifests and summaries.
+SKIP_EMPTY_INPUT = "empty input"
+SKIP_AMBIGUOUS_GOLD = "duplicate of the correct option (gold ambiguous)"
+REPAIR_DUPLICATE_OPTION = "duplicate wrong option removed"
+
+
+def skip_fewer_options(n: int) -> str:
+    return f"fewer than {n} options"
+
+
+def skip_more_options(n: int) -> str:
+    return f"more than {n} options"
+
+
+def apply_question_policy(
+    example: MCExample, *, min_options: int, max_options: int, stats: ParseStats
+) -> MCExample | None:
+    """Repair or skip one well-formed question; the reason is counted in ``stats``.
+
+    * empty (or whitespace-only) input: skipped;
+    * an option repeated where the correct option stays unique: the repeats of the
+      wrong option are removed (first occurrence kept, order kept) and the question
+      kept; a repeated correct option makes the gold ambiguous: skipped;
+    * fewer than ``min_options`` or more than ``max_options`` options (after the
+      repair): skipped.
+    """
+    if not example.input.strip():
+        stats.skipped[SKIP_EMPTY_INPUT] += 1
+        return None
+    options = example.options
+    if len(set(options)) != len(options):
+        if options.count(example.output) > 1:
+            stats.skipped[SKIP_AMBIGUOUS_GOLD] += 1
+            return None
+        options = tuple(dict.fromkeys(options))
+        stats.repaired[REPAIR_DUPLICATE_OPTION] += 1
+        example = MCExample(example.task, example.input, example.output, options, example.id)
+    if len(options) < min_options:
+        stats.skipped[skip_fewer_options(min_options)] += 1
+        return None
+    if len(options) > max_options:
+        stats.skipped[skip_more_options(max_options)] += 1
+        return None
+    return example
 
 
 def _record_id(record: dict) -> str | None:
@@ -79,7 +136,11 @@ def validate_record(
     expected_task: str | None = None,
     example_id: str | None = None,
 ) -> MCExample:
-    """Turn one decoded JSON value into an :class:`MCExample`, or raise a :class:`DataError`."""
+    """Turn one decoded JSON value into an :class:`MCExample`, or raise a :class:`DataError`.
+
+    Only broken records raise; duplicate options and empty inputs are left to
+    :func:`apply_question_policy`.
+    """
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}", file, line)
     for key in ("task", "input", "output", "options"):
@@ -106,8 +167,6 @@ def validate_record(
         raise DataError(
             f"output {record['output']!r} is not one of the options {options}", file, line
         )
-    if len(set(options)) != len(options):
-        raise DataError(f"options contain duplicates: {options}", file, line)
     return MCExample(
         task=record["task"],
         input=record["input"],
@@ -120,7 +179,8 @@ def validate_record(
 def iter_jsonl_records(path: str | os.PathLike):
     """Yield ``(line number, decoded JSON value)`` for each non-blank line of a JSONL file.
 
-    Non-UTF-8 bytes and malformed JSON raise a :class:`DataError` naming the line.
+    Non-UTF-8 bytes and malformed JSON raise a :class:`DataError` naming the line; a
+    UTF-8 byte-order mark at the start of the file is skipped.
     """
     path = Path(path)
     if not path.is_file():
@@ -135,6 +195,8 @@ def iter_jsonl_records(path: str | os.PathLike):
                     path,
                     line_no,
                 ) from None
+            if line_no == 1 and text.startswith("\ufeff"):
+                text = text[1:]
             if not text.strip():
                 continue
             try:
@@ -154,36 +216,36 @@ def examples_from_records(
     max_options: int = 4,
     stats: ParseStats | None = None,
 ) -> list[MCExample]:
-    """Validate ``(line, record)`` pairs; keep questions with ``min_options``..``max_options``.
+    """Validate ``(line, record)`` pairs and apply :func:`apply_question_policy`.
 
     Malformed records (missing or mistyped fields, an output that is not an option, a
-    wrong task name) raise a :class:`DataError`. Questions outside the option range are
-    skipped and counted in ``stats``; a file that is empty or of which no question
+    wrong task name) raise a :class:`DataError`. Unusable questions are skipped or
+    repaired and counted in ``stats``; a file that is empty or of which no question
     survives raises.
     """
-    stats = stats if stats is not None else ParseStats()
+    local = ParseStats()
     examples: list[MCExample] = []
     n_records = 0
     for line_no, record in records:
         n_records += 1
         example = validate_record(record, file=file, line=line_no, expected_task=expected_task)
-        n_options = len(example.options)
-        if n_options < min_options:
-            stats.skipped[f"fewer than {min_options} options"] += 1
-            continue
-        if n_options > max_options:
-            stats.skipped[f"more than {max_options} options"] += 1
-            continue
-        examples.append(example)
+        example = apply_question_policy(
+            example, min_options=min_options, max_options=max_options, stats=local
+        )
+        if example is not None:
+            examples.append(example)
     if n_records == 0:
         raise DataError("the file has no examples (empty task)", file)
     if not examples:
         raise DataError(
-            f"none of the {n_records} examples has {min_options} to {max_options} options: "
-            "the task is unusable",
+            f"none of the {n_records} examples is usable (skipped: "
+            f"{dict(sorted(local.skipped.items()))}; a question needs a non-empty input and "
+            f"{min_options} to {max_options} distinct options)",
             file,
         )
-    stats.kept += len(examples)
+    local.kept = len(examples)
+    if stats is not None:
+        stats.merge(local)
     return examples
 
 

@@ -2,13 +2,16 @@
 
 Every source yields :class:`~abmll_tune.data.records.MCExample` lists per task file in
 MetaICL's layout, ``{task}/{task}_{k}_{seed}_{part}.jsonl`` with part in train, dev,
-test (``../shared/spec/data.md`` sections 1-2):
+test (``docs/data.md``), and lists the files it has for a task (``task_files``), so the
+data command can choose where meta-training examples come from and name every
+missing task at once:
 
 * :class:`MetaICLDirectory` - a local directory in that layout (users who ran
-  MetaICL/CrossFit, or the embedded suite);
+  MetaICL/CrossFit, the k-shot distribution most copies take, or the embedded suite);
 * :class:`MetaICLHub` - ``allenai/metaicl-data`` (CC-BY-NC-4.0) through ``datasets``
-  with ``data_files=`` for exactly the files a split needs; any ``load_dataset`` path
-  works, a local directory included;
+  with ``data_files=`` for exactly the files a split needs, at a pinned revision. The
+  Hub dataset keeps its files under ``data/`` (``data/{task}/{task}_{k}_{seed}_{part}.jsonl``);
+  any ``load_dataset`` path with that layout works, a local directory included;
 * :func:`convert_legalbench` and :func:`convert_chembench` write LegalBench TSV task
   directories and ChemBench parquet/JSON as a MetaICL directory (plus a ``tasks.yaml``
   for the split registry), keeping single-answer questions with at most 4 options.
@@ -37,13 +40,23 @@ from abmll_tune.data.records import (
 from abmll_tune.io import atomic_directory
 
 METAICL_HUB_REPO = "allenai/metaicl-data"
+# The revision of allenai/metaicl-data whose file tree the code was written against;
+# `--revision` overrides it.
+METAICL_HUB_REVISION = "9e999b5f6c4083a8c2309df57f06316a72de78ec"
+# The Hub dataset's files live under this folder.
+METAICL_HUB_PREFIX = "data"
 # MetaICL's own seeds for k-shot evaluation files.
 METAICL_SEEDS = (100, 13, 21, 42, 87)
 
 
+def metaicl_name(task: str, k: int, seed: int, part: str) -> str:
+    """File name of one MetaICL file (inside its task's folder)."""
+    return f"{task}_{k}_{seed}_{part}.jsonl"
+
+
 def metaicl_file(task: str, k: int, seed: int, part: str) -> str:
     """Relative path of one MetaICL file."""
-    return f"{task}/{task}_{k}_{seed}_{part}.jsonl"
+    return f"{task}/{metaicl_name(task, k, seed, part)}"
 
 
 class MetaICLDirectory:
@@ -60,10 +73,15 @@ class MetaICLDirectory:
     def describe(self) -> str:
         return f"directory {self.root}"
 
-    def read(self, task: str, k: int, seed: int, part: str, *, max_options: int = 4, stats=None):
-        path = self.root / metaicl_file(task, k, seed, part)
+    def task_files(self, task: str) -> set[str]:
+        """Names of the JSONL files in the task's folder (empty if there is none)."""
+        folder = self.root / task
+        return {p.name for p in folder.glob("*.jsonl") if p.is_file()} if folder.is_dir() else set()
+
+    def read_file(self, task: str, name: str, *, max_options: int = 4, stats=None):
+        path = self.root / task / name
         if not path.is_file():
-            available = sorted(p.name for p in (self.root / task).glob("*.jsonl"))[:6]
+            available = sorted(self.task_files(task))[:6]
             hint = (
                 f" (found: {', '.join(available)})"
                 if available
@@ -72,12 +90,19 @@ class MetaICLDirectory:
             raise DataError(f"missing file for task {task!r}{hint}", path)
         return read_jsonl_examples(path, expected_task=task, max_options=max_options, stats=stats)
 
+    def read(self, task: str, k: int, seed: int, part: str, *, max_options: int = 4, stats=None):
+        return self.read_file(
+            task, metaicl_name(task, k, seed, part), max_options=max_options, stats=stats
+        )
+
 
 class MetaICLHub:
     """MetaICL files through ``datasets.load_dataset(repo, data_files=[file])``.
 
-    ``repo`` is a Hub dataset id (default ``allenai/metaicl-data``) or anything else
-    ``load_dataset`` accepts as a path, such as a local directory.
+    ``repo`` is a Hub dataset id (default ``allenai/metaicl-data`` at
+    :data:`METAICL_HUB_REVISION`) or anything else ``load_dataset`` accepts as a path,
+    such as a local directory; either way the files are under ``prefix/`` (``data/``
+    on the Hub).
     """
 
     def __init__(
@@ -85,16 +110,67 @@ class MetaICLHub:
         repo: str = METAICL_HUB_REPO,
         revision: str | None = None,
         cache_dir: str | None = None,
+        prefix: str = METAICL_HUB_PREFIX,
     ):
         self.repo, self.revision, self.cache_dir = repo, revision, cache_dir
+        self.prefix = prefix.strip("/")
+        self._files: dict[str, set[str]] | None = None
 
     def describe(self) -> str:
         return f"datasets:{self.repo}" + (f"@{self.revision}" if self.revision else "")
 
-    def read(self, task: str, k: int, seed: int, part: str, *, max_options: int = 4, stats=None):
+    def _relpath(self, task: str, name: str) -> str:
+        return f"{self.prefix}/{task}/{name}" if self.prefix else f"{task}/{name}"
+
+    def _offline_error(self, err: Exception, where: str) -> DataError:
+        return DataError(
+            f"could not reach the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "Without network access, download the MetaICL data elsewhere (the dataset "
+            f"{METAICL_HUB_REPO}, or MetaICL's own preprocessing) and pass its directory "
+            "as --source DIR (layout {task}/{task}_{k}_{seed}_{part}.jsonl)",
+            where,
+        )
+
+    def _listing(self) -> dict[str, set[str]]:
+        """Every ``{task: {file names}}`` under ``prefix/``, listed once."""
+        if self._files is not None:
+            return self._files
+        root = Path(self.repo)
+        if root.is_dir():
+            base = root / self.prefix if self.prefix else root
+            paths = [str(p.relative_to(root)) for p in base.rglob("*.jsonl")]
+        else:
+            from huggingface_hub import HfApi
+
+            try:
+                paths = HfApi().list_repo_files(
+                    self.repo, repo_type="dataset", revision=self.revision
+                )
+            except (ConnectionError, TimeoutError, OSError) as err:
+                raise self._offline_error(err, self.repo) from None
+            except Exception as err:  # noqa: BLE001 - hub errors (404, auth) have many types
+                raise DataError(
+                    f"could not list the dataset's files: {type(err).__name__}: {err}", self.repo
+                ) from None
+        files: dict[str, set[str]] = {}
+        for path in paths:
+            parts = Path(path).parts
+            if self.prefix:
+                if not parts or parts[0] != self.prefix:
+                    continue
+                parts = parts[1:]
+            if len(parts) == 2 and parts[1].endswith(".jsonl"):
+                files.setdefault(parts[0], set()).add(parts[1])
+        self._files = files
+        return files
+
+    def task_files(self, task: str) -> set[str]:
+        return set(self._listing().get(task, set()))
+
+    def read_file(self, task: str, name: str, *, max_options: int = 4, stats=None):
         import datasets
 
-        relpath = metaicl_file(task, k, seed, part)
+        relpath = self._relpath(task, name)
         where = f"{self.repo}/{relpath}"
         if Path(self.repo).is_dir() and not (Path(self.repo) / relpath).is_file():
             raise DataError(f"missing file for task {task!r}", where)
@@ -107,13 +183,7 @@ class MetaICLHub:
                 cache_dir=self.cache_dir,
             )
         except (ConnectionError, TimeoutError) as err:
-            raise DataError(
-                f"could not download from the Hugging Face Hub ({type(err).__name__}: {err}). "
-                "Without network access, download the MetaICL data elsewhere (the dataset "
-                f"{METAICL_HUB_REPO}, or MetaICL's own preprocessing) and pass its directory "
-                "as --source DIR (layout {task}/{task}_{k}_{seed}_{part}.jsonl)",
-                where,
-            ) from None
+            raise self._offline_error(err, where) from None
         except FileNotFoundError as err:
             raise DataError(f"not found on the Hub or in the cache: {err}", where) from None
         except Exception as err:  # noqa: BLE001 - datasets' parse errors have many types
@@ -125,11 +195,18 @@ class MetaICLHub:
             records, file=where, expected_task=task, max_options=max_options, stats=stats
         )
 
+    def read(self, task: str, k: int, seed: int, part: str, *, max_options: int = 4, stats=None):
+        return self.read_file(
+            task, metaicl_name(task, k, seed, part), max_options=max_options, stats=stats
+        )
+
 
 def open_source(spec: str, revision: str | None = None):
-    """``metaicl-hub`` (or ``hub:<dataset id>``) for the Hub, else a local directory."""
+    """``metaicl-hub`` (or ``hub:<dataset id>``) for the Hub, else a local directory.
+
+    ``metaicl-hub`` reads :data:`METAICL_HUB_REVISION` unless ``revision`` is given."""
     if spec == "metaicl-hub":
-        return MetaICLHub(METAICL_HUB_REPO, revision)
+        return MetaICLHub(METAICL_HUB_REPO, revision or METAICL_HUB_REVISION)
     if spec.startswith("hub:"):
         return MetaICLHub(spec[4:], revision)
     return MetaICLDirectory(spec)
@@ -380,7 +457,9 @@ def convert_chembench(
 
 
 __all__ = [
+    "METAICL_HUB_PREFIX",
     "METAICL_HUB_REPO",
+    "METAICL_HUB_REVISION",
     "METAICL_SEEDS",
     "MetaICLDirectory",
     "MetaICLHub",
@@ -389,5 +468,6 @@ __all__ = [
     "convert_legalbench",
     "kshot_indices",
     "metaicl_file",
+    "metaicl_name",
     "open_source",
 ]
