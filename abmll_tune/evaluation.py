@@ -1,4 +1,4 @@
-"""Few-shot evaluation on unseen tasks (``../shared/spec/method.md`` section 5).
+"""Few-shot evaluation on unseen tasks (``docs/method.md``, "Evaluation").
 
 For each evaluation task and seed, start from the trained adapters (ABMLL: local <-
 global; Reptile: a copy of theta; LoRA baselines: a copy of the adapter; Pretrained: a
@@ -30,6 +30,7 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from abmll_tune.data.loader import TaskData, heldout_batches, support_batches
 from abmll_tune.meta import MetaConfig, MetaLearner
 from abmll_tune.modules import adapter_mode, adapter_params_by_group, variational_lora_layers
+from abmll_tune.objectives import answer_logits
 
 PRUNING_KINDS = ("hidden", "weight")
 
@@ -70,11 +71,7 @@ def option_probabilities(model: nn.Module, batch: dict) -> torch.Tensor:
     """(B, max_options) probabilities of each question's options (NaN where it has fewer):
     a softmax over the answer-letter logits at the answer position, restricted to the
     question's options."""
-    logits = model(batch["tokens"])
-    if isinstance(logits, list):  # chunked output (CEWithChunkedOutputLoss)
-        logits = torch.cat(logits, dim=1)
-    rows = torch.arange(logits.shape[0])
-    at_answer = logits[rows, batch["answer_positions"]].float()  # (B, vocab)
+    at_answer = answer_logits(model, batch)  # (B, vocab), the output layer at B positions only
     option_ids = batch["option_ids"]
     valid = option_ids >= 0
     picked = at_answer.gather(1, option_ids.clamp_min(0))

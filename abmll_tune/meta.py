@@ -1,6 +1,6 @@
 """The one meta-training loop: ABMLL, Reptile, Structured LoRA and Regular LoRA.
 
-``../shared/spec/method.md`` section 4. Tasks are visited one at a time; per visit,
+``docs/method.md`` ("The loop"). Tasks are visited one at a time; per visit,
 :meth:`MetaLearner.train_task` takes K inner steps on K batches of the task and then
 the method's outer step:
 

@@ -1,4 +1,4 @@
-"""Accuracy and calibration of option probabilities (``../shared/spec/method.md`` section 5).
+"""Accuracy and calibration of option probabilities (``docs/method.md``, "Evaluation").
 
 Every metric takes ``probs`` (one row per question: the probabilities of its options,
 summing to 1; padded options are NaN) and ``gold`` (the correct option's index):

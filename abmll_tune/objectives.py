@@ -1,12 +1,13 @@
 """Training objectives: the answer NLL and ABMLL's tempered ELBO (arXiv 2508.14285, Eq. 2).
 
-Per inner step on a batch of task i (``../shared/spec/method.md`` section 2)::
+Per inner step on a batch of task i (``docs/method.md``)::
 
     L = NLL(batch | phi ~ q)  +  beta * KL(q(phi | D_i) || p(phi | theta))  +  gamma * (-log p(theta))
 
 * NLL is the mean cross-entropy over the answer tokens of the batch, computed as
   torchtune's recipes do (labels shifted by one, the prompt masked): one answer letter
-  per question, so it is the mean over questions. beta and gamma are relative to it.
+  per question, so it is the mean over questions, and logits are computed at the answer
+  positions only. beta and gamma are relative to it.
 * KL is summed over every weight entry of every adapted layer
   (:func:`abmll_tune.modules.kl_local_global`), -log p(theta) likewise
   (:func:`abmll_tune.modules.neg_log_prior_global`); both in float64.
@@ -16,6 +17,8 @@ Per inner step on a batch of task i (``../shared/spec/method.md`` section 2)::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,21 +35,59 @@ def shifted_labels(labels: Tensor) -> Tensor:
     return torch.cat([labels[:, 1:], ignore], dim=1)
 
 
+@contextmanager
+def output_at(model: nn.Module, positions: Tensor) -> Iterator[None]:
+    """Within the block, ``model(tokens)`` returns ``(B, vocab)`` logits at
+    ``positions[b]`` of each row only.
+
+    torchtune's decoder applies its final norm and output projection to every position
+    (49152-way for SmolLM2: about a fifth of the forward). Scoring and the answer loss
+    need one position per question, so the decoder's ``unembed`` is replaced, for this
+    model instance only, by one that selects those positions first; the layers, their
+    hooks (FSDP, activation checkpointing, compile) and the root forward are untouched.
+    """
+    rows = torch.arange(positions.shape[0], device=positions.device)
+
+    def unembed(h: Tensor) -> Tensor:
+        selected = model.norm(h[rows, positions.to(h.device)])
+        return model.output(selected).float()
+
+    model.unembed = unembed
+    try:
+        yield
+    finally:
+        del model.unembed
+
+
+def answer_logits(model: nn.Module, batch: dict) -> Tensor:
+    """``(B, vocab)`` float logits at each question's answer position (see :func:`output_at`)."""
+    with output_at(model, batch["answer_positions"]):
+        return model(batch["tokens"])
+
+
+def answer_targets(batch: dict) -> Tensor:
+    """The answer token of each question: the label after its answer position."""
+    labels = shifted_labels(batch["labels"])
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    return labels[rows, batch["answer_positions"].to(labels.device)]
+
+
 def answer_nll(model: nn.Module, batch: dict, loss_fn: nn.Module | None = None) -> Tensor:
     """Mean cross-entropy of the answer tokens of ``batch`` (the prompt is masked).
 
-    ``loss_fn`` may be torchtune's ``CEWithChunkedOutputLoss`` (the model then returns
-    chunked logits, as after ``model.set_num_output_chunks``); default: plain CE.
+    Each question has one answer token (its letter), so this is the mean over questions
+    of the cross-entropy at the answer position, and the output projection is applied
+    there only (:func:`answer_logits`). ``loss_fn`` may be torchtune's
+    ``CEWithChunkedOutputLoss`` (given the answer logits as its single chunk) or any
+    ``(logits, targets)`` loss; default: plain CE.
     """
-    logits = model(batch["tokens"])
-    labels = shifted_labels(batch["labels"])
-    if loss_fn is not None:
-        return loss_fn(logits, labels)
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1),
-        ignore_index=CROSS_ENTROPY_IGNORE_IDX,
-    )
+    logits = answer_logits(model, batch)
+    targets = answer_targets(batch)
+    if loss_fn is None:
+        return F.cross_entropy(logits, targets, ignore_index=CROSS_ENTROPY_IGNORE_IDX)
+    if hasattr(loss_fn, "num_output_chunks"):  # chunked loss: one chunk of one position
+        return loss_fn([logits[:, None]], targets[:, None])
+    return loss_fn(logits, targets)
 
 
 @dataclass(frozen=True)

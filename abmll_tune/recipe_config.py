@@ -9,8 +9,8 @@ the key and what to do.
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,12 @@ SCHEMA: dict[str, Key] = {
     "enable_activation_checkpointing": Key((bool,), False),
     "compile": Key((bool,), False),
     "log_every_n_visits": Key((int,), 1, minimum=1),
+    "peft_base_model": Key(
+        (str,),
+        None,
+        nullable=True,
+        doc="base_model_name_or_path of the exported PEFT adapter (default: the checkpoint_dir)",
+    ),
     # recipes/abmll_meta_distributed only
     "collective_timeout_s": Key(
         NUM, 1800, minimum=1, doc="a collective waiting longer than this fails the job"
@@ -122,6 +128,113 @@ RESUME_INVARIANTS = (
 )
 
 
+# Arguments the recipes pass to a component themselves (not written in the config).
+PASSED_BY_RECIPE = {
+    "data": {"tokenizer"},
+    "inner_optimizer": {"params"},
+    "outer_optimizer": {"params"},
+}
+# Path arguments of the checkpointer and tokenizer that must exist before anything is built.
+_FILE_ARGS = ("path", "merges_file", "special_tokens_path", "tokenizer_json_path")
+
+
+def accepted_arguments(component) -> set[str] | None:
+    """Keyword arguments ``component`` accepts, or None when it cannot tell (``**kwargs``).
+
+    The project's builders declare the names their ``**kwargs`` take in
+    ``accepted_kwargs`` (torchtune's architecture arguments plus the adapter options)."""
+    try:
+        signature = inspect.signature(component)
+    except (TypeError, ValueError):
+        return None
+    named = {
+        n
+        for n, p in signature.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        extra = getattr(component, "accepted_kwargs", None)
+        return None if extra is None else named | set(extra)
+    return named
+
+
+def check_component_sections(cfg: DictConfig, components: dict[str, bool]) -> list[str]:
+    """Problems of the component sections ``{name: required}``: missing, not importable,
+    unknown arguments, files that do not exist (nothing is instantiated)."""
+    problems = []
+    for name, required in components.items():
+        if name not in cfg or cfg[name] is None:
+            if required:
+                problems.append(f"{name}: missing required section (with a _component_)")
+            continue
+        section = cfg[name]
+        if not isinstance(section, DictConfig) or "_component_" not in section:
+            problems.append(f"{name}: must be a mapping with a _component_ entry")
+            continue
+        try:
+            component = _get_component_from_path(section._component_)
+        except Exception as err:  # noqa: BLE001 - torchtune raises InstantiationError or ImportError
+            problems.append(
+                f"{name}._component_: cannot import {section._component_!r} ({type(err).__name__})"
+            )
+            continue
+        problems += component_problems(name, section, component)
+    return problems
+
+
+def component_problems(name: str, section: DictConfig, component) -> list[str]:
+    """Arguments of a component section that its component does not take."""
+    problems = []
+    accepted = accepted_arguments(component)
+    if accepted is None:
+        return problems
+    accepted -= PASSED_BY_RECIPE.get(name, set())
+    for key in (k for k in section if k != "_component_"):
+        if key not in accepted:
+            close = difflib.get_close_matches(str(key), sorted(accepted), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(
+                f"{name}.{key}: {section[key]!r} is not an argument of "
+                f"{section._component_}{hint}; remove it or fix its name"
+            )
+    return problems
+
+
+def check_input_files(cfg: DictConfig) -> None:
+    """The base checkpoint and tokenizer files a config names exist (checked by the recipes
+    before anything is built; a config alone may name files of another machine)."""
+    problems = []
+    section = cfg.get("checkpointer")
+    if isinstance(section, DictConfig) and "checkpoint_dir" in section:
+        directory = Path(str(section.checkpoint_dir))
+        if not directory.is_dir():
+            problems.append(
+                f"checkpointer.checkpoint_dir: {str(directory)!r} is not a directory; point it "
+                "at the base model's checkpoint (see the config's Prepare line)"
+            )
+        else:
+            files = section.get("checkpoint_files")
+            names = (
+                list(files) if isinstance(files, (list, tuple)) or OmegaConf.is_list(files) else []
+            )
+            for file in names:
+                if not (directory / str(file)).is_file():
+                    problems.append(
+                        f"checkpointer.checkpoint_files: {str(file)!r} is not in {directory}; "
+                        "list the checkpoint's .safetensors files"
+                    )
+    section = cfg.get("tokenizer")
+    for key in _FILE_ARGS if isinstance(section, DictConfig) else ():
+        value = section.get(key)
+        if isinstance(value, str) and not Path(value).exists():
+            problems.append(
+                f"tokenizer.{key}: {value!r} does not exist; point it at the model's "
+                "tokenizer file (see the config's Prepare line)"
+            )
+    if problems:
+        raise RecipeConfigError(problems)
+
+
 def _type_ok(value, key: Key) -> bool:
     if value is None:
         return key.nullable
@@ -141,21 +254,7 @@ def check_recipe_config(cfg: DictConfig) -> dict[str, Any]:
             problems.append(
                 f"{key}: unknown key{hint}; the keys are listed in abmll_tune/recipe_config.py"
             )
-    for name, required in COMPONENTS.items():
-        if name not in cfg:
-            if required:
-                problems.append(f"{name}: missing required section (with a _component_)")
-            continue
-        section = cfg[name]
-        if not isinstance(section, DictConfig) or "_component_" not in section:
-            problems.append(f"{name}: must be a mapping with a _component_ entry")
-            continue
-        try:
-            _get_component_from_path(section._component_)
-        except Exception as err:  # noqa: BLE001 - torchtune raises InstantiationError or ImportError
-            problems.append(
-                f"{name}._component_: cannot import {section._component_!r} ({type(err).__name__})"
-            )
+    problems += check_component_sections(cfg, COMPONENTS)
     settings: dict[str, Any] = {}
     plain = OmegaConf.to_container(cfg, resolve=True)
     for name, key in SCHEMA.items():
@@ -263,15 +362,18 @@ def meta_config(settings: dict) -> MetaConfig:
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and prove it is writable, or say what is wrong."""
+    """Check that ``path`` can be created or written, without writing anything yet (a run
+    that fails its checks leaves no trace), or say what is wrong."""
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
+    if path.exists() and not path.is_dir():
+        raise RecipeConfigError([f"output_dir: {path} exists and is not a directory"])
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise RecipeConfigError(
-            [f"output_dir: {path} is not writable ({err.strerror}); choose another output_dir"]
-        ) from None
+            [
+                f"output_dir: {path} is not writable ({existing} is read-only); choose another output_dir"
+            ]
+        )
     return path

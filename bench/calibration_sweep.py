@@ -9,7 +9,7 @@ posterior mean (10 samples are measured on the test tasks by ``bench_methods.py`
 accuracy and its ECE. The test tasks are never touched here; the chosen setting then
 goes through the test protocol as ``abmll_calibrated`` in ``bench_methods.py``.
 
-Knobs (method.md sections 2-3 and the benchmark issue): the std learning rates, the
+Knobs (docs/method.md and the benchmark issue): the std learning rates, the
 initial sigma (``std_b_init_std``), the Gamma hyperprior's mode (``a0`` > 1), beta, the
 number of posterior samples while training. ``sigma_theta/mean`` (logged every visit)
 shows how far each moved sigma_theta from its floor.

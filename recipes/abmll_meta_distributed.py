@@ -34,6 +34,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from abmll_tune.recipes.abmll_meta_single_device import MetaLearningRecipeSingleDevice, run
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 from torchtune import config, modules, training, utils
@@ -42,7 +43,6 @@ from torchtune.modules.peft import validate_missing_and_unexpected_for_lora
 from abmll_tune import distributed
 from abmll_tune.modules import variational_lora_layers
 from abmll_tune.recipe_config import RecipeConfigError
-from recipes.abmll_meta_single_device import MetaLearningRecipeSingleDevice, run
 
 log = utils.get_logger("INFO")
 

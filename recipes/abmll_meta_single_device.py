@@ -33,6 +33,7 @@ from tqdm import tqdm
 from abmll_tune.checkpointing import (
     CheckpointError,
     build_model_from_checkpoint,
+    checkpoint_exists,
     load_training_checkpoint,
     rng_state,
     save_training_checkpoint,
@@ -41,13 +42,14 @@ from abmll_tune.data.loader import MetaTaskSampler, PooledBatchSampler, PooledVi
 from abmll_tune.data.records import DataError
 from abmll_tune.distributed import all_gather_objects, gather_task_records
 from abmll_tune.evaluation import default_variant, evaluate_tasks
-from abmll_tune.io import atomic_write_text
+from abmll_tune.io import atomic_write_text, recover_directory
 from abmll_tune.meta import MetaLearner
 from abmll_tune.metrics import summarize
 from abmll_tune.modules import sigma_summary, variational_lora_layers
 from abmll_tune.recipe_config import (
     RESUME_INVARIANTS,
     RecipeConfigError,
+    check_input_files,
     check_output_dir,
     check_recipe_config,
     meta_config,
@@ -66,8 +68,15 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
     def __init__(self, cfg: DictConfig) -> None:
         # Everything a config can get wrong is checked here, before any model is built.
         self._settings = check_recipe_config(cfg)
+        check_input_files(cfg)
         self._meta = meta_config(self._settings)
         self._output_dir = check_output_dir(cfg.output_dir)
+        latest = self._output_dir / "checkpoints" / "latest"
+        if self._settings["resume_from_checkpoint"] and not checkpoint_exists(latest):
+            raise CheckpointError(
+                f"resume_from_checkpoint: true, but {latest} holds no checkpoint yet; "
+                "start without resume_from_checkpoint"
+            )
         self._device = utils.get_device(device=self._settings["device"])
         self._dtype = training.get_dtype(self._settings["dtype"], device=self._device)
         self._split_validation = False  # one process: it validates on every task
@@ -95,13 +104,6 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
     def setup(self, cfg: DictConfig) -> None:
         self._cfg = cfg
         self._metric_logger = None  # rank 0 logs
-        if self._is_rank_zero:
-            self._metric_logger = (
-                config.instantiate(cfg.metric_logger)
-                if "metric_logger" in cfg
-                else training.metric_logging.DiskLogger(log_dir=str(self._output_dir / "logs"))
-            )
-            self._metric_logger.log_config(cfg)
         self._model = self._setup_model(cfg)
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = None
@@ -120,8 +122,30 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             loss_fn=self._loss_fn,
             reduce_mean=self._reduce_mean(),
         )
+        self._pending_epoch_end = None
+        if self._is_rank_zero:
+            for line in self._recover_checkpoints():
+                log.info(line)
         if self._settings["resume_from_checkpoint"]:
             self._resume(cfg)
+        # Every check has passed: only now is anything written (a failing start, or a
+        # failing resume, leaves the output directory as it was).
+        if self._is_rank_zero:
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+            self._metric_logger = (
+                config.instantiate(cfg.metric_logger)
+                if "metric_logger" in cfg
+                else training.metric_logging.DiskLogger(log_dir=str(self._output_dir / "logs"))
+            )
+            self._metric_logger.log_config(cfg)
+
+    def _recover_checkpoints(self) -> list[str]:
+        """Finish a checkpoint replacement cut short by a kill, remove stale temporaries."""
+        root = self._output_dir / "checkpoints"
+        if not root.is_dir():
+            return []
+        names = {p.name[1:].split(".", 1)[0] for p in root.iterdir() if p.name.startswith(".")}
+        return [line for name in sorted(names) for line in recover_directory(root / name)]
 
     def _setup_model(self, cfg: DictConfig) -> torch.nn.Module:
         model, self._checkpointer_config = build_model_from_checkpoint(
@@ -192,6 +216,16 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             self._validation_history = [
                 json.loads(line) for line in history.read_text().splitlines() if line.strip()
             ]
+        # A periodic checkpoint after an epoch's last visit, with the epoch-end work
+        # (validation, epoch_N/) not done yet: the resumed run must do it first.
+        epoch = meta["progress"]["epoch"]
+        if self._start_position == 0 and self._start_epoch == epoch + 1:
+            if not meta["progress"].get("epoch_end", False):
+                self._pending_epoch_end = epoch
+                # rows of a validation cut short are redone (same RNG, same result)
+                self._validation_history = [
+                    r for r in self._validation_history if r["epoch"] <= epoch
+                ]
         utils.log_rank_zero(
             log,
             f"Resumed from {directory} at epoch {self._start_epoch}, visit {self._start_position}",
@@ -213,6 +247,9 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             num_kv_heads=c["num_key_value_heads"],
             dim=c["hidden_size"],
             head_dim=c.get("head_dim"),
+            # what peft.AutoPeftModelForCausalLM loads the base from
+            base_model_name_or_path=self._settings["peft_base_model"]
+            or str(Path(self._cfg.checkpointer.checkpoint_dir).resolve()),
         )
 
     def save_checkpoint(
@@ -258,9 +295,21 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         # needs every rank on every task)
         mine = tasks[self._rank :: self._world_size] if self._split_validation else tasks
         rng = torch.get_rng_state()  # validation must not change the training's randomness
-        records = evaluate_tasks(
-            self._model, self._data, mine, settings, method=self._meta.method, meta=self._meta
-        )
+        with tqdm(
+            total=len(mine) * len(settings.seeds),
+            desc=f"validation {validation_epoch}",
+            unit="task",
+            disable=not self._is_rank_zero,
+        ) as bar:
+            records = evaluate_tasks(
+                self._model,
+                self._data,
+                mine,
+                settings,
+                method=self._meta.method,
+                meta=self._meta,
+                progress=bar,
+            )
         torch.set_rng_state(rng)
         if self._split_validation:
             records = gather_task_records(records, tasks)
@@ -299,6 +348,8 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         stop_after = s["stop_after_visits"]
         if not self._validation_history and self._start_epoch == 0 and self._start_position == 0:
             self.validate(0)
+        if self._pending_epoch_end is not None:
+            self._finish_epoch(self._pending_epoch_end, tasks_per_second=None)
         for epoch in range(self._start_epoch, self._epochs):
             start = self._start_position if epoch == self._start_epoch else 0
             progress = tqdm(
@@ -335,12 +386,14 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                 self._metric_logger.log_dict(
                     {"train/tasks_per_second": tasks_per_second}, step=self._visits_done
                 )
-            self.validate(epoch + 1)
-            latest = self.save_checkpoint(epoch, epoch_end=True)
-            utils.log_rank_zero(
-                log,
-                f"Epoch {epoch + 1} done ({tasks_per_second:.2f} tasks/s); checkpoint in {latest}",
-            )
+            self._finish_epoch(epoch, tasks_per_second)
+
+    def _finish_epoch(self, epoch: int, tasks_per_second: float | None) -> None:
+        """The epoch-end work: validation, then ``latest`` and ``epoch_{epoch}`` marked done."""
+        self.validate(epoch + 1)
+        latest = self.save_checkpoint(epoch, epoch_end=True)
+        speed = f" ({tasks_per_second:.2f} tasks/s)" if tasks_per_second is not None else ""
+        utils.log_rank_zero(log, f"Epoch {epoch + 1} done{speed}; checkpoint in {latest}")
 
     def _record_visit(self, visit) -> None:
         """Append the visit to ``logs/task_visits_rank{rank}.jsonl``: which task each

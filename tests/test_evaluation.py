@@ -2,6 +2,7 @@
 selection, the evaluation recipe, the report command and their bad inputs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -355,3 +356,52 @@ def test_sweep_writes_one_directory_per_run_and_resumes(embedded_overrides, tmp_
         assert results["training"]["beta"] == (1.0 if run.startswith("beta_1_") else 1e-8)
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 2
+
+
+def test_evaluation_accepts_the_exported_peft_adapter_with_the_same_results(
+    trained, tmp_path, capsys
+):
+    out, common = trained
+    best = out / "checkpoints" / "best"
+    config = json.loads((best / "adapter" / "adapter_config.json").read_text())
+    # what peft.AutoPeftModelForCausalLM.from_pretrained needs to find the base model
+    assert config["task_type"] == "CAUSAL_LM"
+    assert config["base_model_name_or_path"] == str(
+        Path(common[2].split("=", 1)[1]).resolve()
+    )  # the checkpointer's directory
+    results = {}
+    for kind, checkpoint in (("abmll", best), ("peft", best / "adapter")):
+        code, _, err = tune_run(
+            "evaluate_few_shot",
+            "configs/tiny_cpu_eval.yaml",
+            f"output_dir={tmp_path / kind}",
+            *common,
+            "method=structured_lora",
+            f"adapter_checkpoint={checkpoint}",
+            "evaluation.seeds=[100]",
+            "evaluation.max_tasks=2",
+            "evaluation.samples=[1]",
+            capsys=capsys,
+        )
+        assert code == 0, err[-3000:]
+        results[kind] = json.loads((tmp_path / kind / "results.json").read_text())["metrics"]
+    assert results["peft"] == results["abmll"]
+    neither = tmp_path / "empty"
+    neither.mkdir()
+    for method, extra, message in (
+        ("structured_lora", [], "neither an abmll-tune checkpoint (meta.json) nor a PEFT LoRA"),
+        ("abmll", [], "a PEFT LoRA adapter holds one LoRA pair"),
+        ("structured_lora", ["model.lora_rank=4"], "r = 8, the model's adapters have 4"),
+    ):
+        checkpoint = neither if "neither" in message else best / "adapter"
+        code, _, err = tune_run(
+            "evaluate_few_shot",
+            "configs/tiny_cpu_eval.yaml",
+            f"output_dir={tmp_path / 'bad'}",
+            *common,
+            f"method={method}",
+            f"adapter_checkpoint={checkpoint}",
+            *extra,
+            capsys=capsys,
+        )
+        assert code == 2 and message in err, err[-2000:]

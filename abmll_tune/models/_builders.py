@@ -19,6 +19,7 @@ Everything except the adapters is frozen.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 from torch import nn
@@ -162,6 +163,8 @@ def _component(base_fn: Callable[..., TransformerDecoder]) -> Callable[..., Tran
 
     builder.__name__ = f"abmll_{base_fn.__name__}"
     builder.__qualname__ = builder.__name__
+    # what **kwargs takes, for the config check before anything is built
+    builder.accepted_kwargs = tuple(inspect.signature(base_fn).parameters) + _ADAPTER_ARGS
     builder.__doc__ = (
         f"ABMLL variant of torchtune's ``{base_fn.__module__.split('._')[0]}.{base_fn.__name__}``.\n\n"
         "Architecture keyword arguments go to torchtune's builder unchanged; the adapter\n"
@@ -187,6 +190,7 @@ def _sized(base_fn: Callable[[], TransformerDecoder]) -> Callable[..., Transform
 
     builder.__name__ = f"abmll_{base_fn.__name__}"
     builder.__qualname__ = builder.__name__
+    builder.accepted_kwargs = _ADAPTER_ARGS
     builder.__doc__ = (
         f"torchtune's ``{base_fn.__name__}()`` with ABMLL adapters (default: q, v, output\n"
         "projections, rank 8, alpha 16, softabs std, local reparameterization).\n"

@@ -20,7 +20,11 @@ from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 
 from abmll_tune.io import atomic_directory
 
-_ARCHITECTURES = {"LLAMA3": "LlamaForCausalLM", "QWEN2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {
+    "LLAMA3": "LlamaForCausalLM",
+    "LLAMA3_2": "LlamaForCausalLM",
+    "QWEN2": "Qwen2ForCausalLM",
+}
 
 
 def write_hf_checkpoint(
@@ -39,10 +43,14 @@ def write_hf_checkpoint(
     norm_eps: float = 1e-5,
     tie_word_embeddings: bool = False,
     overwrite: bool = False,
+    extra_config: dict | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Save a torchtune-format (base model) ``state_dict`` as an HF checkpoint directory.
 
     Adapter keys (containing ``lora``) are rejected: this writes base models only.
+    ``extra_config`` adds keys to ``config.json``; ``extra_files`` (name -> text, e.g.
+    tokenizer files) are written into the same directory, in the same atomic step.
     Returns the directory.
     """
     if model_type not in _ARCHITECTURES:
@@ -77,9 +85,12 @@ def write_hf_checkpoint(
         "rms_norm_eps": norm_eps,
         "tie_word_embeddings": tie_word_embeddings,
         "torch_dtype": str(next(iter(hf_state.values())).dtype).removeprefix("torch."),
+        **(extra_config or {}),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state.items()}
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return directory

@@ -1,7 +1,7 @@
 """Brief language-model pre-training of the tiny backbone on the embedded suite's language.
 
 A randomly initialised backbone cannot use a few support examples: every method stays
-at chance. ``../shared/spec/data.md`` section 5 pre-trains the tiny Llama3 as a plain LM
+at chance. the embedded suite's design pre-trains the tiny Llama3 as a plain LM
 on two kinds of text, half each:
 
 * concept sentences: shuffled words of one concept (with a little noise), so that the

@@ -18,7 +18,7 @@ from torchtune.modules import TransformerDecoder
 
 from abmll_tune.models.hf_checkpoint import write_hf_checkpoint
 
-# The embedded-suite backbone of data.md section 5 (about 156k parameters).
+# The embedded-suite backbone of the embedded suite's design (docs/data.md) (about 156k parameters).
 TINY_LLAMA3 = dict(
     vocab_size=256,
     num_layers=2,

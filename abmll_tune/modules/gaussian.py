@@ -2,7 +2,7 @@
 
 Zhang, Snell & Griffiths, "Amortized Bayesian Meta-Learning for Low-Rank
 Adaptation of Large Language Models" (arXiv 2508.14285), Section 3 and Eq. 2;
-``../shared/spec/method.md`` sections 1 to 3 give the decisions taken where the
+``docs/method.md`` gives the decisions taken where the
 paper is silent. For an adapted layer with frozen weight W0 (d_out x d_in) and
 LoRA scaling s = alpha / rank:
 
@@ -359,7 +359,7 @@ def neg_log_prior(
     chunk_rows: int | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """-log p(theta) for one layer's global Gaussian (method.md section 1).
+    """-log p(theta) for one layer's global Gaussian (docs/method.md).
 
     p(theta) = N(mu_theta; 0, prior_mu_var) * Gamma(tau; a0, b0), tau = 1 / sigma_theta^2,
     with b0 a rate, evaluated as a density over (mu_theta, tau) entrywise and summed:
@@ -446,7 +446,7 @@ def output_variance(
     """Per-output variance sum_j sigma_ij^2 x_j^2 of the weight-space Gaussian.
 
     ``x2`` is x o x (..., d_in). For ``softabs`` and ``affine`` this is exact and
-    low-rank, with no dense d_out x d_in tensor (method.md section 3):
+    low-rank, with no dense d_out x d_in tensor (docs/method.md):
 
         (s B A)^2 x^2 = s^2 (B * B)(A * A) x^2,
 

@@ -63,8 +63,8 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         use_bias (bool): whether the frozen base linear has a bias. Default False.
         quantize_base (bool): store the frozen base weight in NF4 (QLoRA). Default False.
         std_param (str): ``softabs`` (default), ``affine`` or ``exp``: how a LoRA pair
-            parameterizes sigma (method.md section 1).
-        sampling (str): ``local`` (default), ``weight`` or ``mean`` (method.md section 3).
+            parameterizes sigma (docs/method.md).
+        sampling (str): ``local`` (default), ``weight`` or ``mean`` (docs/method.md).
         sigma_floor (float): c, the std floor; sigma = c while B = 0. Default e^-20 (v1).
         variational (bool): if False the std pairs are not created (Reptile, LoRA
             baselines); ``sampling`` must then be ``mean``. Default True.
@@ -75,7 +75,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         chunk_elements (int): elements of one dense chunk in KL, prior and dense
             sampling (bounds their transient memory). Default 2**18.
         kl_dtype (str): precision of the dense KL and prior work: ``float64`` (default,
-            method.md's numerics) or ``float32`` (about half the time of that memory-bound
+            docs/method.md) or ``float32`` (about half the time of that memory-bound
             work; sums still accumulate in float64; gradients agree to float32 precision,
             less where ``affine``'s sigma nears 0: keep float64 with ``affine``).
         **quantization_kwargs: passed to ``to_nf4`` when ``quantize_base``.
@@ -493,7 +493,7 @@ def adapter_param_groups(
     model: nn.Module, scope: str, mean_lr: float, std_lr: float, **group_options
 ) -> list[dict]:
     """Optimizer parameter groups for one scope: means and stds get their own learning
-    rates (method.md section 4: one rate for both drives sigma away). Empty groups are
+    rates (docs/method.md: one rate for both drives sigma away). Empty groups are
     left out (non-variational layers have no std pairs)."""
     groups = []
     for kind, lr in (("mean", mean_lr), ("std", std_lr)):
