@@ -9,8 +9,10 @@ The embedded suite and the tiny backbone are prepared as ``make data backbone`` 
 often land inside checkpoint writes), kills it with SIGKILL after a random delay, then
 resumes (``resume_from_checkpoint=true``, or a fresh start if no checkpoint exists yet),
 killing again at random until a run exits by itself. Reported per trial: kills, whether
-the final adapters, validation rows and ``best`` equal the uninterrupted run's, stale
-temporaries left in ``checkpoints/``, and resume failures.
+the final adapters, validation rows and ``best`` equal the uninterrupted run's, how many
+kills landed inside a checkpoint write (temporaries left in ``checkpoints/``; and of
+those, how many left no ``latest/``), stale temporaries left at the end, and resume
+failures.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def main() -> int:
     for trial in range(args.trials):
         out = root / f"trial_{trial}"
         kills, failures, outcome = 0, [], "killed"
+        inside_writes = no_latest = 0
         while outcome != "done":
             ckpt = out / "checkpoints"
             # a checkpoint, or a replacement of one cut between its renames (resume completes it)
@@ -95,10 +98,18 @@ def main() -> int:
             )
             extra = ["resume_from_checkpoint=true"] if resume else []
             # kill within the run's length; the last attempt of a trial runs to the end
-            delay = rng.uniform(2.0, args.max_delay or length) if kills < 4 else None
+            delay = rng.uniform(2.0, args.max_delay or length) if kills < 3 else None
             outcome, err = run(out, *extra, kill_after=delay)
             if outcome == "killed":
                 kills += 1
+                # temporaries left behind: the kill landed inside a checkpoint write
+                left = (
+                    [p.name for p in ckpt.iterdir() if p.name.startswith(".")]
+                    if ckpt.is_dir()
+                    else []
+                )
+                inside_writes += bool(left)
+                no_latest += bool(left) and not (ckpt / "latest").exists()
             elif outcome != "done":
                 failures.append(err)
                 break
@@ -106,6 +117,8 @@ def main() -> int:
         row = {
             "trial": trial,
             "kills": kills,
+            "kills_inside_writes": inside_writes,
+            "kills_leaving_no_latest": no_latest,
             "identical": bool(
                 got
                 and same(got["latest"], reference["latest"])
@@ -122,6 +135,8 @@ def main() -> int:
         "trials": len(rows),
         "identical": identical,
         "kills": sum(r["kills"] for r in rows),
+        "kills_inside_writes": sum(r["kills_inside_writes"] for r in rows),
+        "kills_leaving_no_latest": sum(r["kills_leaving_no_latest"] for r in rows),
         "stale_left": sum(bool(r["stale"]) for r in rows),
         "resume_failures": sum(len(r["resume_failures"]) for r in rows),
         "uninterrupted_seconds": length,
