@@ -126,6 +126,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         if self._is_rank_zero:
             for line in self._recover_checkpoints():
                 log.info(line)
+        all_gather_objects(None)  # every rank resumes only once rank 0 has recovered
         if self._settings["resume_from_checkpoint"]:
             self._resume(cfg)
         # Every check has passed: only now is anything written (a failing start, or a
