@@ -48,7 +48,7 @@ bench: install
 	$(BIN)/python bench/bench_distributed.py --out bench_results/distributed.json
 	$(BIN)/python bench/bench_answer_logits.py --out bench_results/answer_logits.json
 
-DEMO_EVAL = $(BIN)/tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml evaluation.seeds=[100]
+DEMO_EVAL = $(BIN)/tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml evaluation.seeds=[100] evaluation.samples=[1]
 
 demo: data backbone
 	$(BIN)/tune run recipes/abmll_meta_single_device --config configs/tiny_cpu_abmll.yaml
@@ -63,11 +63,18 @@ demo: data backbone
 	@echo "Logs:             outputs/tiny_cpu_abmll/logs/ (validation: outputs/tiny_cpu_abmll/validation.jsonl)"
 	@echo "Report:           outputs/demo_report/ (tables .md/.csv, figures .png)"
 
-backbone: install
-	$(BIN)/python -m abmll_tune.models.tiny --out outputs/tiny_backbone --vocab-size 768 --max-seq-len 256 --overwrite
+# The demo's backbone: the tiny Llama3, briefly pre-trained as a plain LM on the embedded
+# suite's language (600 steps, about 30 s: the loss has flattened by then), so that few-shot
+# adaptation has something to start from.
+BACKBONE_PRETRAIN_STEPS := 600
+
+backbone: data
+	test -f outputs/tiny_backbone/model.safetensors || $(BIN)/python -m abmll_tune.embedded.backbone \
+		--out outputs/tiny_backbone --vocab-size 768 --max-seq-len 256 \
+		--pretrain-steps $(BACKBONE_PRETRAIN_STEPS) --tokenizer-dir outputs/data/embedded_src/tokenizer --overwrite
 
 inspect: install
-	$(BIN)/python -m abmll_tune.models.tiny --out outputs/tiny_llama3_hf --overwrite
+	$(BIN)/python -m abmll_tune.embedded.backbone --out outputs/tiny_llama3_hf --overwrite
 	$(BIN)/tune run recipes/inspect_model --config configs/tiny_cpu_inspect.yaml
 
 data: install

@@ -21,35 +21,45 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torchtune.modules import TransformerSelfAttentionLayer
 
 from abmll_tune.data.loader import TaskData, heldout_batches, support_batches
-from abmll_tune.meta import MetaConfig, MetaLearner
+from abmll_tune.meta import MetaLearner
+from abmll_tune.methods import Method
 from abmll_tune.modules import adapter_mode, adapter_params_by_group, variational_lora_layers
 from abmll_tune.objectives import answer_logits
+from abmll_tune.settings import check_settings, setting
 
 PRUNING_KINDS = ("hidden", "weight")
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How evaluation adapts and scores (the ``evaluation`` section of a config)."""
+    """How evaluation adapts and scores (the ``evaluation`` / ``validation`` section)."""
 
-    part: str = "test"  # or "validation"
-    seeds: tuple[int, ...] = (100, 13, 21)
-    adapt_steps: int = 5  # K_test: steps on K_test support batches (v3: 5; v1: 10)
-    adapt_batch_size: int = 2
-    adapt_lr_mean: float = 1e-3
-    adapt_lr_std: float = 1e-4
-    eval_batch_size: int = 16
-    samples: tuple[int, ...] = (1,)  # ABMLL posterior sample counts to report
-    pruning_levels: tuple[float, ...] = (0.0,)
-    pruning: str = "hidden"
-    max_tasks: int | None = None
+    part: str = setting(
+        "test",
+        doc="the tasks' part to score (validation sections always score `validation`)",
+        choices=("validation", "test"),
+    )
+    seeds: tuple[int, ...] = setting((100, 13, 21), doc="support-set seeds (results: mean +- SE)")
+    adapt_steps: int = setting(
+        5, doc="K_test: adaptation steps on K_test support batches", minimum=0
+    )
+    adapt_batch_size: int = setting(2, doc="support questions per adaptation step", minimum=1)
+    adapt_lr_mean: float = setting(1e-3, doc="adaptation learning rate, mean pairs", minimum=0)
+    adapt_lr_std: float = setting(1e-4, doc="adaptation learning rate, std pairs", minimum=0)
+    eval_batch_size: int = setting(16, doc="held-out questions per scoring batch", minimum=1)
+    samples: tuple[int, ...] = setting((1,), doc="ABMLL posterior sample counts to report")
+    pruning_levels: tuple[float, ...] = setting((0.0,), doc="fractions pruned (robustness)")
+    pruning: str = setting(
+        "hidden", doc="what pruning zeroes: hidden units or frozen weights", choices=PRUNING_KINDS
+    )
+    max_tasks: int | None = setting(None, doc="evaluate the first N tasks only", minimum=1)
 
     def __post_init__(self):
         if self.part not in ("validation", "test"):
@@ -93,15 +103,6 @@ def score(
             for row, n in zip(probs, (batch["option_ids"] >= 0).sum(1), strict=True):
                 out.append(row[: int(n)].tolist())
     return out
-
-
-def variants(method: str, samples: Sequence[int]) -> list[tuple[str, str, int]]:
-    """(name, adapter mode, samples) to score after adaptation."""
-    if method == "abmll":
-        return [(f"s{s}", "local_sample", s) for s in samples] + [("mean", "local_mean", 1)]
-    if method == "reptile":
-        return [("mean", "local_mean", 1)]
-    return [("mean", "global_mean", 1)]  # lora, structured_lora, pretrained
 
 
 # ------------------------------------------------------------------------- pruning
@@ -171,29 +172,18 @@ def evaluate_tasks(
     tasks: Sequence[str],
     settings: EvalSettings,
     *,
-    method: str,
-    meta: MetaConfig | None = None,
+    method: Method,
     make_optimizer=None,
     progress=None,
 ) -> list[dict]:
     """Adapt to and score each task for each seed; returns prediction records
     (``task``, ``id``, ``seed``, ``variant``, ``prune``, ``probs``, ``gold``).
 
-    ``method`` is the trained method (``pretrained`` for none); ``meta`` its loop
-    settings (their learning rates are replaced by the adaptation rates).
+    ``method`` is the trained method (:class:`abmll_tune.methods.Pretrained` for none);
+    it adapts with its own objective at the adaptation learning rates
+    (:meth:`~abmll_tune.methods.Method.for_adaptation`).
     """
-    learn_method = "lora" if method == "pretrained" else method
-    base = meta or MetaConfig(method=learn_method)
-    adapt_cfg = replace(
-        base,
-        method=learn_method,
-        inner_steps=max(1, settings.adapt_steps),
-        gradient_accumulation_steps=1,
-        inner_lr_mean=settings.adapt_lr_mean,
-        inner_lr_std=settings.adapt_lr_std,
-        inner_optimizer_reset="per_task",
-        local_init="global",
-    )
+    adapt_method = method.for_adaptation(settings.adapt_lr_mean, settings.adapt_lr_std)
     make_optimizer = make_optimizer or (lambda groups: torch.optim.AdamW(groups, weight_decay=0.0))
     snapshot = {n: p.detach().clone() for n, p in adapter_params_by_group(model).items()}
     params = adapter_params_by_group(model)
@@ -208,7 +198,13 @@ def evaluate_tasks(
                 torch.manual_seed(_task_seed(seed, task))
                 support, heldout = data.eval_task(task, seed, settings.part)
                 if settings.adapt_steps:
-                    learner = MetaLearner(model, adapt_cfg, make_optimizer, make_optimizer)
+                    learner = MetaLearner(
+                        model,
+                        adapt_method,
+                        make_optimizer,
+                        make_optimizer,
+                        inner_steps=max(1, settings.adapt_steps),
+                    )
                     learner.begin_task()
                     model.train()
                     for batch in support_batches(
@@ -227,7 +223,7 @@ def evaluate_tasks(
                 ids = [i for b in batches for i in b["id"]]
                 for level in settings.pruning_levels:
                     with pruned(model, level, settings.pruning) if level else nullcontext():
-                        for name, mode, n in variants(method, settings.samples):
+                        for name, mode, n in method.eval_variants(settings.samples):
                             for example_id, probs, gold in zip(
                                 ids, score(model, batches, mode, n), golds, strict=True
                             ):
@@ -253,22 +249,13 @@ def evaluate_tasks(
 
 
 def eval_settings(section: dict | None, **overrides) -> EvalSettings:
-    """EvalSettings from a config section (lists become tuples); unknown keys raise."""
+    """EvalSettings from a config section (lists become tuples); problems raise ValueError."""
     values = dict(section or {})
     values.update(overrides)
-    for key in ("seeds", "samples", "pruning_levels"):
-        if key in values and values[key] is not None:
-            values[key] = tuple(values[key])
-    known = set(EvalSettings.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown evaluation keys {unknown}; known: {sorted(known)}")
-    return EvalSettings(**values)
-
-
-def default_variant(method: str) -> str:
-    """The variant a table reports by default: ABMLL with one sample (the paper's S = 1)."""
-    return "s1" if method == "abmll" else "mean"
+    settings, problems = check_settings(EvalSettings, values, "evaluation")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return settings
 
 
 def chance_accuracy(data: TaskData, tasks: Sequence[str], part: str) -> float:

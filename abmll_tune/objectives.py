@@ -97,7 +97,7 @@ class ELBOWeights:
     beta weighs the local KL, gamma the global prior (v1: beta = 5e-10, gamma = 1e-6,
     a0 = 1, b0 = 0.01). ``prior_mu_var`` is the variance of N(mu_theta; 0, v):
     ``"pretrained"`` (the frozen weight's variance, default), ``"sigma_floor"`` (c, the
-    literal reading) or a number. ``beta_only`` sets gamma = beta (v3's single beta).
+    literal reading) or a number. (v3's single beta is gamma = beta.)
     """
 
     beta: float = 5e-10
@@ -105,11 +105,6 @@ class ELBOWeights:
     prior_mu_var: float | str = "pretrained"
     a0: float = 1.0
     b0: float = 0.01
-    beta_only: bool = False
-
-    @property
-    def effective_gamma(self) -> float:
-        return self.beta if self.beta_only else self.gamma
 
 
 def beta_kl(model: nn.Module, weights: ELBOWeights) -> Tensor:
@@ -119,19 +114,4 @@ def beta_kl(model: nn.Module, weights: ELBOWeights) -> Tensor:
 
 def gamma_prior(model: nn.Module, weights: ELBOWeights) -> Tensor:
     """gamma * (-log p(theta)), float64."""
-    return weights.effective_gamma * neg_log_prior_global(
-        model, weights.prior_mu_var, weights.a0, weights.b0
-    )
-
-
-def tempered_elbo(
-    model: nn.Module, nll: Tensor, weights: ELBOWeights, *, with_prior: bool
-) -> dict[str, Tensor]:
-    """Eq. 2: ``loss = nll + beta * KL (+ gamma * prior)`` and its terms (for logging)."""
-    terms = {"nll": nll, "beta_kl": beta_kl(model, weights)}
-    loss = nll + terms["beta_kl"]
-    if with_prior:
-        terms["gamma_prior"] = gamma_prior(model, weights)
-        loss = loss + terms["gamma_prior"]
-    terms["loss"] = loss
-    return terms
+    return weights.gamma * neg_log_prior_global(model, weights.prior_mu_var, weights.a0, weights.b0)

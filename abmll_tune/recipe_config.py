@@ -1,13 +1,17 @@
-"""Checks of a meta-training config before anything is built or trained.
+"""Checks of a meta-training or evaluation config before anything is built or trained.
 
-torchtune configs are free-form; a typo silently becomes an ignored key. This module
-knows every key of the meta-training recipes, its type, default and allowed values, and
-the combinations that make no sense, and reports all problems at once, each naming
-the key and what to do.
+torchtune configs are free-form; a typo silently becomes an ignored key. The settings
+classes here (:class:`RecipeSettings`, :class:`EvalRecipeSettings`), the method's own
+(:mod:`abmll_tune.methods`) and the evaluation section's
+(:class:`abmll_tune.evaluation.EvalSettings`) know every key, its type, default and
+allowed values (:mod:`abmll_tune.settings`); the checks here report all problems of a
+config at once, each naming the key and what to do, and the combinations that make no
+sense.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import os
@@ -18,8 +22,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
-from abmll_tune.meta import METHODS, OUTER_GRADS, OUTER_UPDATES, MetaConfig
-from abmll_tune.objectives import ELBOWeights
+from abmll_tune.evaluation import EvalSettings
+from abmll_tune.methods import Method, build_method, method_class
+from abmll_tune.settings import check_settings, setting
 
 
 class RecipeConfigError(ValueError):
@@ -31,79 +36,72 @@ class RecipeConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Key:
-    types: tuple[type, ...]
-    default: Any = None
-    required: bool = False
-    choices: tuple | None = None
-    minimum: float | None = None
-    nullable: bool = False
-    doc: str = ""
+class RecipeSettings:
+    """The plain (non-component) keys of the meta-training recipes."""
 
-
-NUM = (int, float)
-# Plain (non-component) keys of the meta-training recipes.
-SCHEMA: dict[str, Key] = {
-    "output_dir": Key((str,), required=True, doc="where checkpoints and logs go"),
-    "method": Key((str,), required=True, choices=METHODS),
-    "seed": Key((int,), 0),
-    "device": Key((str,), "cpu"),
-    "dtype": Key((str,), "fp32", choices=("fp32", "bf16")),
-    "epochs": Key((int,), required=True, minimum=1),
-    "batch_size": Key((int,), 2, minimum=1),
-    "inner_steps": Key((int,), 5, minimum=1, doc="K: inner steps (batches) per task"),
-    "gradient_accumulation_steps": Key((int,), 1, minimum=1),
-    "task_sampling": Key((str,), "uniform", choices=("uniform", "proportional")),
-    "local_init": Key((str,), "global", choices=("global", "persistent")),
-    "inner_optimizer_reset": Key((str,), None, choices=("per_task", "never"), nullable=True),
-    "inner_lr_mean": Key(NUM, 1e-4, minimum=0),
-    "inner_lr_std": Key(NUM, 1e-4, minimum=0),
-    "outer_grad": Key((str,), "reptile", choices=OUTER_GRADS),
-    "outer_update": Key((str,), "interpolate", choices=OUTER_UPDATES),
-    "outer_step_mean": Key(NUM, 0.1, minimum=0),
-    "outer_step_std": Key(NUM, 0.1, minimum=0),
-    "outer_lr_mean": Key(NUM, 1e-4, minimum=0),
-    "outer_lr_std": Key(NUM, 1e-4, minimum=0),
-    "beta": Key(NUM, 5e-10, minimum=0),
-    "gamma": Key(NUM, 1e-6, minimum=0),
-    "beta_only": Key((bool,), False),
-    "prior_mu_var": Key((str, int, float), "pretrained"),
-    "a0": Key(NUM, 1.0, minimum=0),
-    "b0": Key(NUM, 0.01, minimum=0),
-    "std_grad_clamp": Key(NUM, None, minimum=0, nullable=True),
-    "train_samples": Key((int,), 1, minimum=1),
-    "save_every_n_visits": Key((int,), None, minimum=1, nullable=True),
-    "keep_epoch_checkpoints": Key((bool,), True),
-    "resume_from_checkpoint": Key((bool,), False),
-    "stop_after_visits": Key(
-        (int,), None, minimum=1, nullable=True, doc="stop early (and checkpoint)"
-    ),
-    "enable_activation_checkpointing": Key((bool,), False),
-    "compile": Key((bool,), False),
-    "log_every_n_visits": Key((int,), 1, minimum=1),
-    "peft_base_model": Key(
-        (str,),
+    output_dir: str = setting(doc="where checkpoints and logs go")
+    epochs: int = setting(doc="passes over the training tasks", minimum=1)
+    seed: int = setting(0, doc="seeds adapters, task order and noise")
+    device: str = setting("cpu", doc="`cpu`, `cuda`, `cuda:N`")
+    dtype: str = setting("fp32", doc="model precision", choices=("fp32", "bf16"))
+    batch_size: int = setting(2, doc="questions per batch", minimum=1)
+    inner_steps: int = setting(5, doc="K: inner steps (batches) per task visit", minimum=1)
+    gradient_accumulation_steps: int = setting(1, doc="batches per inner step", minimum=1)
+    task_sampling: str = setting(
+        "uniform",
+        doc="order of task visits: each task once per epoch, or in proportion to its size",
+        choices=("uniform", "proportional"),
+    )
+    save_every_n_visits: int | None = setting(
+        None, doc="periodic checkpoint to `checkpoints/latest`", minimum=1
+    )
+    keep_epoch_checkpoints: bool = setting(True, doc="also keep `checkpoints/epoch_N`")
+    resume_from_checkpoint: bool = setting(False, doc="continue from `checkpoints/latest`")
+    stop_after_visits: int | None = setting(None, doc="stop early (and checkpoint)", minimum=1)
+    enable_activation_checkpointing: bool = setting(False, doc="recompute layers in backward")
+    compile: bool = setting(False, doc="torch.compile the model (torchtune's compile_model)")
+    log_every_n_visits: int = setting(1, doc="metric logging interval", minimum=1)
+    log_peak_memory_stats: bool = setting(True, doc="log peak GPU memory (CPU: peak RSS)")
+    peft_base_model: str | None = setting(
         None,
-        nullable=True,
         doc="base_model_name_or_path of the exported PEFT adapter (default: the checkpoint_dir)",
-    ),
+    )
+    validation: EvalSettings | None = setting(
+        None, doc="few-shot validation after every epoch (and before the first); see below"
+    )
     # recipes/abmll_meta_distributed only
-    "collective_timeout_s": Key(
-        NUM, 1800, minimum=1, doc="a collective waiting longer than this fails the job"
-    ),
-    "shard_base": Key(
-        (bool,), True, doc="FSDP2-shard the frozen base; false: every process holds all of it"
-    ),
-    "fsdp_cpu_offload": Key((bool,), False),
-    "fsdp_reshard_after_forward": Key((bool,), True),
-    "log_peak_memory_stats": Key((bool,), True),
-    "validation": Key(
-        (dict,),
+    collective_timeout_s: float = setting(
+        1800, doc="(distributed) a collective waiting longer than this fails the job", minimum=1
+    )
+    shard_base: bool = setting(
+        True, doc="(distributed) FSDP2-shard the frozen base; false: every process holds all of it"
+    )
+    fsdp_cpu_offload: bool = setting(False, doc="(distributed) offload the sharded base to the CPU")
+    fsdp_reshard_after_forward: bool = setting(True, doc="(distributed) FSDP2 reshard policy")
+
+
+@dataclass(frozen=True)
+class EvalRecipeSettings:
+    """The plain keys of ``recipes/evaluate_few_shot``."""
+
+    output_dir: str = setting(doc="where predictions.jsonl and results.json go")
+    method: str | None = setting(
         None,
-        nullable=True,
-        doc="few-shot validation after every epoch (and before the first)",
-    ),
-}
+        doc="the trained method's name (checked against the checkpoint's); `pretrained` "
+        "evaluates the base model",
+    )
+    adapter_checkpoint: str | None = setting(
+        None, doc="a meta-training checkpoint directory or a PEFT adapter directory"
+    )
+    seed: int = setting(0, doc="global seed (each task's RNG is seeded by seed and task)")
+    device: str = setting("cpu", doc="`cpu`, `cuda`, `cuda:N`")
+    dtype: str = setting("fp32", doc="model precision", choices=("fp32", "bf16"))
+    collective_timeout_s: float = setting(
+        1800, doc="(torchrun) a collective waiting longer than this fails the job", minimum=1
+    )
+    evaluation: EvalSettings = setting(EvalSettings(), doc="how to adapt and score; see below")
+
+
 # Component sections (``_component_`` + arguments), required or not.
 COMPONENTS = {
     "model": True,
@@ -115,7 +113,9 @@ COMPONENTS = {
     "loss": False,
     "metric_logger": False,
 }
-# Settings that must not change when resuming (bitwise-exact continuation).
+EVAL_COMPONENTS = {"model": False, "tokenizer": True, "checkpointer": True, "data": True}
+# Settings that must not change when resuming (bitwise-exact continuation); the method
+# is compared by name (its learning rates and temperatures may change).
 RESUME_INVARIANTS = (
     "method",
     "seed",
@@ -235,130 +235,104 @@ def check_input_files(cfg: DictConfig) -> None:
         raise RecipeConfigError(problems)
 
 
-def _type_ok(value, key: Key) -> bool:
-    if value is None:
-        return key.nullable
-    if isinstance(value, bool) and bool not in key.types:
-        return False  # YAML true is not a number
-    return isinstance(value, key.types)
-
-
-def check_recipe_config(cfg: DictConfig) -> dict[str, Any]:
-    """Validate ``cfg``; return the plain settings with defaults filled in."""
-    problems: list[str] = []
-    known = set(SCHEMA) | set(COMPONENTS)
-    for key in cfg:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(
-                f"{key}: unknown key{hint}; the keys are listed in abmll_tune/recipe_config.py"
-            )
-    problems += check_component_sections(cfg, COMPONENTS)
-    settings: dict[str, Any] = {}
+def _split_sections(
+    cfg: DictConfig, components: dict[str, bool], exclude: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The plain keys of ``cfg`` (not component sections, not ``exclude``) as Python values."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    for name, key in SCHEMA.items():
-        if name not in cfg:
-            if key.required:
-                problems.append(f"{name}: missing required key ({key.doc or 'no default'})")
-            settings[name] = key.default
-            continue
-        value = plain[name]
-        if not _type_ok(value, key):
-            want = " or ".join(t.__name__ for t in key.types) + (" or null" if key.nullable else "")
-            problems.append(f"{name}: expected {want}, got {type(value).__name__} {value!r}")
-            continue
-        if key.choices is not None and value is not None and value not in key.choices:
-            problems.append(f"{name}: {value!r} is not one of {list(key.choices)}")
-            continue
-        if key.minimum is not None and value is not None and value < key.minimum:
-            problems.append(f"{name}: must be >= {key.minimum}, got {value}")
-            continue
-        settings[name] = value
-    if isinstance(settings.get("prior_mu_var"), str) and settings["prior_mu_var"] not in (
-        "pretrained",
-        "sigma_floor",
-    ):
-        problems.append(
-            f"prior_mu_var: {settings['prior_mu_var']!r} must be 'pretrained', 'sigma_floor' or a number"
-        )
-    if settings.get("validation") is not None:
-        from abmll_tune.evaluation import eval_settings
+    return {k: v for k, v in plain.items() if k not in components and k not in exclude}
 
-        try:
-            settings["validation"] = eval_settings(settings["validation"], part="validation")
-        except (ValueError, TypeError) as err:
-            problems.append(f"validation: {err}")
+
+def _unknown_key_hints(problems: list[str], method_cls: type[Method] | None) -> list[str]:
+    """Point keys that are a method's settings (the layout before methods were
+    components) at the method section."""
+    if method_cls is None:
+        return problems
+    fields = {f.name for f in dataclasses.fields(method_cls)}
+    out = []
+    for problem in problems:
+        key = problem.split(":", 1)[0]
+        if "unknown key" in problem and key in fields:
+            problem = (
+                f"{key}: a setting of method {method_cls.name!r}; move it into the method "
+                f"section (method.{key}, e.g. `method.{key}=...` on the command line)"
+            )
+        out.append(problem)
+    return out
+
+
+def check_recipe_config(cfg: DictConfig) -> tuple[RecipeSettings, Method]:
+    """Validate a meta-training config; return its settings (defaults filled in) and
+    its method."""
+    problems: list[str] = []
+    if "method" not in cfg:
+        problems.append(
+            "method: missing required section (e.g. method: {_component_: abmll_tune.methods.ABMLL})"
+        )
+        method_cls = None
+        method = None
+    else:
+        value = cfg.method
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        method_cls, cls_problems = method_class(value)
+        method, method_problems = build_method(value) if method_cls else (None, cls_problems)
+        problems += method_problems
+    settings, settings_problems = check_settings(
+        RecipeSettings,
+        _split_sections(cfg, COMPONENTS, exclude=("method",)),
+        ignore=(*COMPONENTS, "method"),
+    )
+    problems += _unknown_key_hints(settings_problems, method_cls)
+    problems += check_component_sections(cfg, COMPONENTS)
     if not problems:
-        problems += _combination_problems(cfg, settings)
+        problems += _combination_problems(cfg, settings, method)
+    if problems:
+        raise RecipeConfigError(problems)
+    if settings.validation is not None:  # validation scores the tasks' validation parts
+        settings = dataclasses.replace(
+            settings, validation=dataclasses.replace(settings.validation, part="validation")
+        )
+    return settings, method
+
+
+def check_eval_config(cfg: DictConfig) -> EvalRecipeSettings:
+    """Validate an evaluation config; return its settings."""
+    settings, problems = check_settings(
+        EvalRecipeSettings, _split_sections(cfg, EVAL_COMPONENTS), ignore=tuple(EVAL_COMPONENTS)
+    )
+    problems += check_component_sections(cfg, EVAL_COMPONENTS)
+    if settings is not None:
+        if settings.method is not None:
+            cls, method_problems = method_class(settings.method)
+            problems += method_problems
+        if settings.method == "pretrained" and settings.adapter_checkpoint:
+            problems.append(
+                "adapter_checkpoint: method pretrained evaluates the base model; drop the checkpoint"
+            )
+        if settings.method != "pretrained" and not settings.adapter_checkpoint:
+            problems.append(
+                "adapter_checkpoint: missing; give a checkpoint directory (or method=pretrained "
+                "to evaluate the base model)"
+            )
     if problems:
         raise RecipeConfigError(problems)
     return settings
 
 
-def _combination_problems(cfg: DictConfig, s: dict) -> list[str]:
-    problems = []
-    method = s["method"]
-    model = cfg.model
-    variational = model.get("variational", True)
-    sampling = model.get("sampling", "local")
-    if method == "abmll" and not variational:
-        problems.append("model.variational: ABMLL needs the std pairs; set model.variational: true")
-    if method != "abmll":
-        if variational:
-            problems.append(
-                f"model.variational: method {method!r} has no variance adapters; set model.variational: false"
-            )
-        if sampling != "mean":
-            problems.append(
-                f"model.sampling: {sampling!r} needs variance adapters, which method {method!r} has "
-                "none of; set model.sampling: mean"
-            )
-    needs_outer = method == "abmll" or (method == "reptile" and s["outer_update"] == "optimizer")
-    if needs_outer and "outer_optimizer" not in cfg:
-        problems.append(
-            f"outer_optimizer: method {method!r} with these settings needs an outer_optimizer section"
-        )
-    if s["device"] == "cpu" and s["dtype"] == "bf16":
-        problems.append(
-            "dtype: bf16 on the CPU is about 30x slower than fp32; use dtype: fp32 there"
-        )
-    if method == "lora" and s["inner_steps"] != 1:
-        problems.append(
-            "inner_steps: Regular LoRA takes one step per pooled batch; set inner_steps: 1"
-        )
+def _combination_problems(cfg: DictConfig, s: RecipeSettings, method: Method) -> list[str]:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    problems = method.config_problems(model, s, {k for k in COMPONENTS if k in cfg})
     return problems
 
 
-def meta_config(settings: dict) -> MetaConfig:
-    """The library's loop settings from validated recipe settings."""
-    return MetaConfig(
-        method=settings["method"],
-        inner_steps=settings["inner_steps"],
-        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
-        local_init=settings["local_init"],
-        inner_optimizer_reset=settings["inner_optimizer_reset"],
-        inner_lr_mean=float(settings["inner_lr_mean"]),
-        inner_lr_std=float(settings["inner_lr_std"]),
-        outer_grad=settings["outer_grad"],
-        outer_update=settings["outer_update"],
-        outer_step_mean=float(settings["outer_step_mean"]),
-        outer_step_std=float(settings["outer_step_std"]),
-        outer_lr_mean=float(settings["outer_lr_mean"]),
-        outer_lr_std=float(settings["outer_lr_std"]),
-        std_grad_clamp=None
-        if settings["std_grad_clamp"] is None
-        else float(settings["std_grad_clamp"]),
-        train_samples=settings["train_samples"],
-        elbo=ELBOWeights(
-            beta=float(settings["beta"]),
-            gamma=float(settings["gamma"]),
-            prior_mu_var=settings["prior_mu_var"],
-            a0=float(settings["a0"]),
-            b0=float(settings["b0"]),
-            beta_only=settings["beta_only"],
-        ),
-    )
+def config_warnings(settings: RecipeSettings) -> list[str]:
+    """Settings that run but that a user most likely does not want."""
+    warnings = []
+    if settings.device == "cpu" and settings.dtype == "bf16":
+        warnings.append(
+            "dtype: bf16 on the CPU is about 30x slower than fp32; use dtype: fp32 there"
+        )
+    return warnings
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:

@@ -136,8 +136,8 @@ def tables(results: list[dict]) -> dict[str, tuple[str, str]]:
     out["main"] = _table(header, rows)
     sample_rows = []
     for r in results:
-        if r["method"] != "abmll":
-            continue
+        if len({m["variant"] for m in r["metrics"].values()}) < 2:
+            continue  # one variant only: nothing to compare (not a sampled method)
         for m in r["metrics"].values():
             if m["prune"] == 0:
                 sample_rows.append(
@@ -171,10 +171,10 @@ def tables(results: list[dict]) -> dict[str, tuple[str, str]]:
         out["pruning"] = _table(["method", "split", "pruned", "accuracy", "ECE"], prune_rows)
     beta_rows = []
     for r in sorted(
-        (r for r in results if r["method"] == "abmll" and "beta" in r.get("training", {})),
+        (r for r in results if "beta" in r.get("training", {})),  # a method with a beta
         key=lambda r: (r["split"], -r["training"]["beta"]),
     ):
-        m = r["metrics"].get("s1@0")
+        m = r["metrics"].get(f"{r['default_variant']}@0")
         if m:
             beta_rows.append(
                 [
@@ -267,8 +267,9 @@ def figures(results: list[dict], histories: list[dict], out: Path) -> list[Path]
     sampled = [
         r
         for r in results
-        if r["method"] == "abmll"
-        and any(m["variant"].startswith("s") for m in r["metrics"].values())
+        if any(
+            m["variant"][:1] == "s" and m["variant"][1:].isdigit() for m in r["metrics"].values()
+        )
     ]
     if sampled:
         written.append(

@@ -14,7 +14,8 @@ checkpoint, so re-running the same command completes the sweep. Then
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
+from abmll_tune.methods import method_class
 
 
 def _floats(text: str) -> list[float]:
@@ -41,15 +42,21 @@ def plan(betas: list[float], seeds: list[int]) -> list[tuple[float, int]]:
     return [(b, s) for b in betas for s in seeds]
 
 
+def recipe_module(recipe: str) -> str:
+    """The installed recipe as ``tune run`` takes it: ``abmll_tune/recipes/<recipe>.py``,
+    which torchtune turns into the module name ``abmll_tune.recipes.<recipe>`` and runs
+    with ``python -m``, so it works from a checkout, a wheel and any directory."""
+    module = f"abmll_tune.recipes.{recipe}"
+    if importlib.util.find_spec(module) is None:
+        raise FileNotFoundError(f"recipe {recipe!r} is not installed with abmll_tune ({module})")
+    return module.replace(".", "/") + ".py"
+
+
 def _tune(recipe: str, config: str, overrides: list[str]) -> None:
     tune = shutil.which("tune", path=str(Path(sys.executable).parent)) or "tune"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    cmd = [tune, "run", f"recipes/{recipe}", "--config", config, *overrides]
+    cmd = [tune, "run", recipe_module(recipe), "--config", config, *overrides]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    subprocess.run(cmd, check=True)  # config paths are relative to the caller's directory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         help="KEY=VALUE for the evaluation runs (repeatable)",
     )
     args = parser.parse_args(argv)
-    method = OmegaConf.load(args.config).get("method")
+    value = OmegaConf.load(args.config).get("method")
+    cls, problems = method_class(
+        OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    )
+    if cls is None:
+        parser.error(f"{args.config}: {'; '.join(problems)}")
+    has_beta = "beta" in {f.name for f in dataclasses.fields(cls)}
     out = Path(args.out).resolve()
     runs = plan([10.0**b for b in args.log10_betas], args.seeds)
     for i, (beta, seed) in enumerate(runs, start=1):
@@ -86,18 +99,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[{i}/{len(runs)}] {run.name}")
         training = [f"output_dir={run}", f"seed={seed}", *extra]
-        if method == "abmll":
-            training.append(f"beta={beta}")
+        if has_beta:  # the beta ablation; other methods only repeat seeds
+            training.append(f"method.beta={beta}")
         if (run / "checkpoints" / "latest").is_dir():  # interrupted (or finished): continue
             training.append("resume_from_checkpoint=true")
-        recipe = "abmll_meta_single_device" if method == "abmll" else "reptile_single_device"
-        _tune(recipe, args.config, training)
+        _tune("abmll_meta_single_device", args.config, training)  # the recipe of every method
         _tune(
             "evaluate_few_shot",
             args.eval_config,
             [
                 f"output_dir={run / 'eval'}",
-                f"method={method}",
+                f"method={cls.name}",
                 f"adapter_checkpoint={run / 'checkpoints' / 'best'}",
                 *args.eval_override,
             ],

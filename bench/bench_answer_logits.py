@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
+from abmll_tune.embedded.backbone import TINY_EMBEDDED
 from abmll_tune.io import atomic_write_json
 from abmll_tune.models import abmll_llama3
 from abmll_tune.models.smollm2 import abmll_smollm2_135m
-from abmll_tune.models.tiny import TINY_EMBEDDED
 from abmll_tune.modules import adapter_mode
 from abmll_tune.objectives import answer_logits, answer_nll, shifted_labels
 

@@ -70,10 +70,10 @@ def _arch(layers: int) -> dict:
 
 def prepare(work: Path, layers: int) -> dict:
     from abmll_tune.data.build import BuildOptions, build_split
-    from abmll_tune.data.embedded import generate_suite
     from abmll_tune.data.loader import BuiltSplit
     from abmll_tune.data.prompt import LETTERS, render_prompt
-    from abmll_tune.models.tiny import write_tiny_checkpoint
+    from abmll_tune.embedded.backbone import write_tiny_checkpoint
+    from abmll_tune.embedded.suite import generate_suite
 
     if not (work / "data" / "manifest.json").is_file():
         generate_suite(work / "src")
@@ -248,13 +248,13 @@ def worker_scaling(paths: dict, n_tasks: int) -> dict:
     """Meta-train ABMLL on n_tasks generated tasks (20 questions each) with the tiny backbone."""
     import torch
 
-    from abmll_tune.data.embedded import llama3_tokenizer, make_lexicon, make_task
     from abmll_tune.data.loader import MetaTaskSampler, tokenize_tasks
     from abmll_tune.data.prompt import PromptTokenizer
-    from abmll_tune.meta import MetaConfig, MetaLearner
+    from abmll_tune.embedded.backbone import TINY_EMBEDDED
+    from abmll_tune.embedded.suite import llama3_tokenizer, make_lexicon, make_task
+    from abmll_tune.meta import MetaLearner
+    from abmll_tune.methods import ABMLL
     from abmll_tune.models import abmll_llama3
-    from abmll_tune.models.tiny import TINY_EMBEDDED
-    from abmll_tune.objectives import ELBOWeights
 
     torch.manual_seed(0)
     lexicon = make_lexicon()
@@ -263,16 +263,12 @@ def worker_scaling(paths: dict, n_tasks: int) -> dict:
         {f"scale-{i}": make_task(f"scale-{i}", lexicon, 20) for i in range(n_tasks)}, prompt
     )
     model = abmll_llama3(**TINY_EMBEDDED, std_b_init_std=1e-3)
-    cfg = MetaConfig(
-        method="abmll",
-        inner_lr_mean=1e-2,
-        inner_lr_std=1e-3,
-        std_grad_clamp=1.0,
-        elbo=ELBOWeights(beta=1e-6),
-    )
+    method = ABMLL(inner_lr_mean=1e-2, inner_lr_std=1e-3, std_grad_clamp=1.0, beta=1e-6)
     adamw = lambda groups: torch.optim.AdamW(groups, weight_decay=0.0)  # noqa: E731
-    learner = MetaLearner(model, cfg, adamw, adamw)
-    sampler = MetaTaskSampler(tasks, batch_size=2, batches_per_task=cfg.batches_per_task, seed=0)
+    learner = MetaLearner(model, method, adamw, adamw)
+    sampler = MetaTaskSampler(
+        tasks, batch_size=2, batches_per_task=learner.batches_per_task, seed=0
+    )
     after_setup = _peak_rss_mib()
     _reset_peak_rss()
     start = time.perf_counter()

@@ -30,7 +30,7 @@ TUNE = shutil.which("tune", path=str(Path(sys.executable).parent)) or "tune"
 
 
 def prepare(work: Path) -> list[str]:
-    from abmll_tune.data.embedded import MODEL_VOCAB
+    from abmll_tune.embedded.suite import MODEL_VOCAB
 
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": ""}
     data, backbone = work / "data", work / "backbone"
@@ -45,7 +45,7 @@ def prepare(work: Path) -> list[str]:
         )
     if not (backbone / "model.safetensors").is_file():
         subprocess.run(
-            [sys.executable, "-m", "abmll_tune.models.tiny", "--out", str(backbone)]
+            [sys.executable, "-m", "abmll_tune.embedded.backbone", "--out", str(backbone)]
             + ["--vocab-size", str(MODEL_VOCAB), "--max-seq-len", "256"],
             check=True,
             env=env,

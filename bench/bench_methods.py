@@ -37,11 +37,14 @@ METHODS: dict[str, tuple[str, list[str]] | None] = {
     "structured_lora": ("tiny_cpu_structured_lora", []),
     "reptile": ("tiny_cpu_reptile", []),
     "abmll": ("tiny_cpu_abmll", []),
-    "abmll_first_order": ("tiny_cpu_abmll", ["outer_grad=first_order"]),
-    "abmll_kl_only": ("tiny_cpu_abmll", ["outer_grad=kl_only"]),
-    "abmll_v1": ("tiny_cpu_abmll", ["beta=5e-10", "gamma=1e-6", "model.std_b_init_std=0.0"]),
+    "abmll_first_order": ("tiny_cpu_abmll", ["method.outer_grad=first_order"]),
+    "abmll_kl_only": ("tiny_cpu_abmll", ["method.outer_grad=kl_only"]),
+    "abmll_v1": (
+        "tiny_cpu_abmll",
+        ["method.beta=5e-10", "method.gamma=1e-6", "model.std_b_init_std=0.0"],
+    ),
     # the setting bench/calibration_sweep.py chose on the validation tasks
-    "abmll_calibrated": ("tiny_cpu_abmll", ["train_samples=4"]),
+    "abmll_calibrated": ("tiny_cpu_abmll", ["method.train_samples=4"]),
     "reptile_metaicl": ("tiny_cpu_reptile_metaicl", []),
     "abmll_metaicl": ("tiny_cpu_abmll_metaicl", []),
 }
@@ -135,7 +138,7 @@ def prepare(out: Path, pretrain_steps: int) -> list[str]:
             [
                 sys.executable,
                 "-m",
-                "abmll_tune.models.tiny",
+                "abmll_tune.embedded.backbone",
                 "--out",
                 str(backbone),
                 "--vocab-size",

@@ -30,25 +30,33 @@ from bench_methods import REPO, TUNE, _run, add_run_arguments, prepare, run_all 
 # name -> overrides of configs/tiny_cpu_abmll.yaml
 VARIANTS: dict[str, list[str]] = {
     "base": [],
-    "std_lr_x10": ["inner_lr_std=0.01", "outer_lr_std=0.01", "validation.adapt_lr_std=0.01"],
+    "std_lr_x10": [
+        "method.inner_lr_std=0.01",
+        "method.outer_lr_std=0.01",
+        "validation.adapt_lr_std=0.01",
+    ],
     "std_init_0.01": ["model.std_b_init_std=0.01"],
     "std_init_0.01_lr_x10": [
         "model.std_b_init_std=0.01",
-        "inner_lr_std=0.01",
-        "outer_lr_std=0.01",
+        "method.inner_lr_std=0.01",
+        "method.outer_lr_std=0.01",
         "validation.adapt_lr_std=0.01",
     ],
-    "hyperprior_mode_0.03": ["a0=2.0", "b0=0.001"],  # mode sqrt(b0 / (a0 - 1))
-    "hyperprior_mode_0.03_gamma_1e-4": ["a0=2.0", "b0=0.001", "gamma=1e-4"],
-    "beta_1e-5": ["beta=1e-5"],
-    "train_samples_4": ["train_samples=4"],
+    "hyperprior_mode_0.03": ["method.a0=2.0", "method.b0=0.001"],  # mode sqrt(b0 / (a0 - 1))
+    "hyperprior_mode_0.03_gamma_1e-4": ["method.a0=2.0", "method.b0=0.001", "method.gamma=1e-4"],
+    "beta_1e-5": ["method.beta=1e-5"],
+    "train_samples_4": ["method.train_samples=4"],
     # second round, between the base and the x10 rates (which cost accuracy)
-    "std_lr_x3": ["inner_lr_std=0.003", "outer_lr_std=0.003", "validation.adapt_lr_std=0.003"],
-    "std_lr_x3_train_samples_4": [
-        "inner_lr_std=0.003",
-        "outer_lr_std=0.003",
+    "std_lr_x3": [
+        "method.inner_lr_std=0.003",
+        "method.outer_lr_std=0.003",
         "validation.adapt_lr_std=0.003",
-        "train_samples=4",
+    ],
+    "std_lr_x3_train_samples_4": [
+        "method.inner_lr_std=0.003",
+        "method.outer_lr_std=0.003",
+        "validation.adapt_lr_std=0.003",
+        "method.train_samples=4",
     ],
 }
 ACCURACY_TOLERANCE = 0.02  # a calibration gain may cost at most this much validation accuracy

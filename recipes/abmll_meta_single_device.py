@@ -6,12 +6,14 @@
 The recipe follows torchtune's ``lora_finetune_single_device``: ``setup`` builds the
 pieces a config names (model through torchtune's checkpointer, tokenizer, task data,
 optimizers, metric logger), ``train`` walks the epochs and the task visits, and
-``save_checkpoint`` writes the adapters, optimizer, sampler and RNG states. What happens
-inside one task visit (local <- global, K inner steps, the outer step) is
-:class:`abmll_tune.meta.MetaLearner`, the one loop all four methods share; the ABMLL
-math is in :mod:`abmll_tune.objectives` and :mod:`abmll_tune.modules.gaussian`.
-``config.method`` picks the method (``recipes/reptile_single_device`` is this recipe
-with Reptile's defaults).
+``save_checkpoint`` writes the adapters, optimizer, sampler and RNG states. The config's
+``method`` section is the method, a component (:mod:`abmll_tune.methods`, one module
+each: ``abmll``, ``reptile``, ``structured_lora``, ``lora``); what happens inside one
+task visit (its start, K inner steps, its outer step) is
+:class:`abmll_tune.meta.MetaLearner`, the one loop all methods share. The ABMLL math is
+in :mod:`abmll_tune.methods.abmll`, :mod:`abmll_tune.objectives` and
+:mod:`abmll_tune.modules.gaussian`. ``recipes/reptile_single_device`` is this recipe
+with Reptile as the default method.
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchtune import config, modules, training, utils
+from torchtune import config, training, utils
 from torchtune.config._errors import ConfigError
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from abmll_tune.checkpointing import (
     CheckpointError,
-    build_model_from_checkpoint,
     checkpoint_exists,
     load_training_checkpoint,
     rng_state,
@@ -41,18 +42,18 @@ from abmll_tune.checkpointing import (
 from abmll_tune.data.loader import MetaTaskSampler, PooledBatchSampler, PooledVisits
 from abmll_tune.data.records import DataError
 from abmll_tune.distributed import all_gather_objects, gather_task_records
-from abmll_tune.evaluation import default_variant, evaluate_tasks
+from abmll_tune.evaluation import evaluate_tasks
 from abmll_tune.io import atomic_write_text, recover_directory
 from abmll_tune.meta import MetaLearner
 from abmll_tune.metrics import summarize
-from abmll_tune.modules import sigma_summary, variational_lora_layers
+from abmll_tune.models.loading import build_model
 from abmll_tune.recipe_config import (
     RESUME_INVARIANTS,
     RecipeConfigError,
     check_input_files,
     check_output_dir,
     check_recipe_config,
-    meta_config,
+    config_warnings,
 )
 
 log = utils.get_logger("INFO")
@@ -61,29 +62,30 @@ log = utils.get_logger("INFO")
 class MetaLearningRecipeSingleDevice(FTRecipeInterface):
     """Meta-training of LoRA adapters on one device (see the module docstring).
 
-    Config keys and their defaults: ``abmll_tune/recipe_config.py``; the README's
-    "Meta-training" section explains each method's settings.
+    Config keys and their defaults: :class:`abmll_tune.recipe_config.RecipeSettings` and
+    the method's class; the README's "Meta-training" section has their tables.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
         # Everything a config can get wrong is checked here, before any model is built.
-        self._settings = check_recipe_config(cfg)
+        self._settings, self._method = check_recipe_config(cfg)
+        for warning in config_warnings(self._settings):
+            log.warning(warning)
         check_input_files(cfg)
-        self._meta = meta_config(self._settings)
         self._output_dir = check_output_dir(cfg.output_dir)
         latest = self._output_dir / "checkpoints" / "latest"
-        if self._settings["resume_from_checkpoint"] and not checkpoint_exists(latest):
+        if self._settings.resume_from_checkpoint and not checkpoint_exists(latest):
             raise CheckpointError(
                 f"resume_from_checkpoint: true, but {latest} holds no checkpoint yet; "
                 "start without resume_from_checkpoint"
             )
-        self._device = utils.get_device(device=self._settings["device"])
-        self._dtype = training.get_dtype(self._settings["dtype"], device=self._device)
+        self._device = utils.get_device(device=self._settings.device)
+        self._dtype = training.get_dtype(self._settings.dtype, device=self._device)
         self._split_validation = False  # one process: it validates on every task
         # one process here; the distributed recipe joins its process group at this point
         self._world_size, self._rank = self._init_processes()
-        self._seed = training.set_seed(seed=self._settings["seed"])  # + rank, if distributed
-        self._epochs = self._settings["epochs"]
+        self._seed = training.set_seed(seed=self._settings.seed)  # + rank, if distributed
+        self._epochs = self._settings.epochs
         self._visits_done = 0
         self._start_epoch, self._start_position = 0, 0
         self._validation_history: list[dict] = []
@@ -111,23 +113,25 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             self._loss_fn = config.instantiate(cfg.loss)
             if hasattr(self._loss_fn, "num_output_chunks"):
                 self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
-        self._sampler = self._setup_sampler(cfg)
         self._learner = MetaLearner(
             self._model,
-            self._meta,
+            self._method,
             make_inner_optimizer=partial(config.instantiate, cfg.inner_optimizer),
             make_outer_optimizer=partial(config.instantiate, cfg.outer_optimizer)
             if "outer_optimizer" in cfg
             else None,
+            inner_steps=self._settings.inner_steps,
+            gradient_accumulation_steps=self._settings.gradient_accumulation_steps,
             loss_fn=self._loss_fn,
             reduce_mean=self._reduce_mean(),
         )
+        self._sampler = self._setup_sampler(cfg)
         self._pending_epoch_end = None
         if self._is_rank_zero:
             for line in self._recover_checkpoints():
                 log.info(line)
         all_gather_objects(None)  # every rank resumes only once rank 0 has recovered
-        if self._settings["resume_from_checkpoint"]:
+        if self._settings.resume_from_checkpoint:
             self._resume(cfg)
         # Every check has passed: only now is anything written (a failing start, or a
         # failing resume, leaves the output directory as it was).
@@ -149,26 +153,16 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         return [line for name in sorted(names) for line in recover_directory(root / name)]
 
     def _setup_model(self, cfg: DictConfig) -> torch.nn.Module:
-        model, self._checkpointer_config = build_model_from_checkpoint(
-            cfg.model, cfg.checkpointer, device=self._device, dtype=self._dtype
+        model, self._checkpointer_config = build_model(
+            cfg.model,
+            cfg.checkpointer,
+            device=self._device,
+            dtype=self._dtype,
+            seed=self._settings.seed,  # adapters from the seed alone, on every device
+            activation_checkpointing=self._settings.enable_activation_checkpointing,
+            compile=self._settings.compile,
         )
-        self._init_adapters(model)
-        if self._settings["enable_activation_checkpointing"]:
-            training.set_activation_checkpointing(
-                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
-            )
-        if self._settings["compile"]:
-            training.compile_model(model)
         return model
-
-    def _init_adapters(self, model: torch.nn.Module) -> None:
-        """(Re)initialise the adapters from the seed alone, then seed the training's own
-        random stream: a model built on the meta device (the distributed recipe) or on
-        the CPU then starts from the same adapters and draws the same noise."""
-        torch.manual_seed(self._settings["seed"])
-        for layer in variational_lora_layers(model).values():
-            layer.initialize_parameters()
-        training.set_seed(seed=self._settings["seed"])  # + rank, if distributed
 
     def _setup_sampler(self, cfg: DictConfig):
         self._data = config.instantiate(cfg.data, tokenizer=self._tokenizer)
@@ -180,27 +174,29 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             + (f" ({too_long} longer than max_seq_len skipped)" if too_long else ""),
         )
         s = self._settings
-        if self._meta.method == "lora":
+        if self._method.pools_tasks:  # Regular LoRA: every task's batches, pooled
             pooled = PooledBatchSampler(
-                tasks, batch_size=s["batch_size"], seed=s["seed"], pad_id=self._data.pad_id
+                tasks, batch_size=s.batch_size, seed=s.seed, pad_id=self._data.pad_id
             )
-            return PooledVisits(pooled, self._meta.batches_per_task)
+            return PooledVisits(pooled, self._learner.batches_per_task)
         return MetaTaskSampler(
             tasks,
-            batch_size=s["batch_size"],
-            batches_per_task=self._meta.batches_per_task,
-            seed=s["seed"],
-            task_sampling=s["task_sampling"],
+            batch_size=s.batch_size,
+            batches_per_task=self._learner.batches_per_task,
+            seed=s.seed,
+            task_sampling=s.task_sampling,
             pad_id=self._data.pad_id,
         )
 
     def _resume(self, cfg: DictConfig) -> None:
         directory = self._output_dir / "checkpoints" / "latest"
         meta, learner_state = load_training_checkpoint(
-            directory, self._model, self._meta.method, rank=self._rank
+            directory, self._model, self._method.name, rank=self._rank
         )
         now = OmegaConf.to_container(cfg, resolve=True)
-        changed = [k for k in RESUME_INVARIANTS if meta["config"].get(k) != now.get(k)]
+        changed = [
+            k for k in RESUME_INVARIANTS if k != "method" and meta["config"].get(k) != now.get(k)
+        ]
         if changed:
             raise RecipeConfigError(
                 [
@@ -249,7 +245,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             dim=c["hidden_size"],
             head_dim=c.get("head_dim"),
             # what peft.AutoPeftModelForCausalLM loads the base from
-            base_model_name_or_path=self._settings["peft_base_model"]
+            base_model_name_or_path=self._settings.peft_base_model
             or str(Path(self._cfg.checkpointer.checkpoint_dir).resolve()),
         )
 
@@ -269,7 +265,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             return target  # adapters and optimizer states are the same on every rank
         kwargs = dict(
             model=self._model,
-            method=self._meta.method,
+            method=self._method.name,
             learner_state=self._learner.state_dict(),
             sampler_state=self._sampler.state_dict(),
             progress=progress,
@@ -278,7 +274,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             rng_states=rng_states,
         )
         save_training_checkpoint(target, **kwargs)
-        if best is None and epoch_end and self._settings["keep_epoch_checkpoints"]:
+        if best is None and epoch_end and self._settings.keep_epoch_checkpoints:
             save_training_checkpoint(root / f"epoch_{epoch}", **kwargs)
         return target
 
@@ -287,7 +283,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
     def validate(self, validation_epoch: int) -> dict | None:
         """Few-shot validation on the selection tasks' validation parts; keeps the best
         (highest accuracy) adapters in ``checkpoints/best``. Epoch 0 is before training."""
-        settings = self._settings["validation"]
+        settings = self._settings.validation
         if settings is None:
             return None
         tasks = self._data.split.selection_tasks
@@ -307,8 +303,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                 self._data,
                 mine,
                 settings,
-                method=self._meta.method,
-                meta=self._meta,
+                method=self._method,
                 progress=bar,
             )
         torch.set_rng_state(rng)
@@ -318,7 +313,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                 log, f"validation: {len(tasks)} tasks spread over {self._world_size} processes"
             )
         summary = summarize(records)
-        chosen = summary[f"{default_variant(self._meta.method)}@0"]["summary"]
+        chosen = summary[f"{self._method.default_variant}@0"]["summary"]
         row = {"epoch": validation_epoch, "visits": self._visits_done}
         row.update({m: chosen[m]["mean"] for m in ("accuracy", "ece", "nll", "brier")})
         row["variants"] = {
@@ -346,7 +341,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
 
     def train(self) -> None:
         s = self._settings
-        stop_after = s["stop_after_visits"]
+        stop_after = s.stop_after_visits
         if not self._validation_history and self._start_epoch == 0 and self._start_position == 0:
             self.validate(0)
         if self._pending_epoch_end is not None:
@@ -356,7 +351,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             progress = tqdm(
                 total=len(self._sampler),
                 initial=start,
-                desc=f"{self._meta.method} epoch {epoch + 1}/{self._epochs}",
+                desc=f"{self._method.name} epoch {epoch + 1}/{self._epochs}",
                 unit="task" if self._world_size == 1 else "outer step",
                 disable=not self._is_rank_zero,
             )
@@ -368,9 +363,9 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                 self._record_visit(visit)
                 progress.update(1)
                 progress.set_postfix(nll=f"{metrics['nll']:.3f}")
-                if self._is_rank_zero and self._visits_done % s["log_every_n_visits"] == 0:
+                if self._is_rank_zero and self._visits_done % s.log_every_n_visits == 0:
                     self._log(visit, metrics)
-                every = s["save_every_n_visits"]
+                every = s.save_every_n_visits
                 if (every and self._visits_done % every == 0) or self._visits_done == stop_after:
                     self.save_checkpoint(epoch)
                 if self._visits_done == stop_after:
@@ -411,10 +406,8 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         out["epoch"] = visit.epoch
         for group in self._learner.inner_optimizer.param_groups:
             out[f"lr/inner_{group.get('name', 'all')}"] = group["lr"]
-        if self._meta.method == "abmll":  # how far sigma_theta moved from its floor c
-            sigma = sigma_summary(self._model, "global")
-            out.update({"sigma_theta/mean": sigma["mean"], "sigma_theta/max": sigma["max"]})
-        if self._settings["log_peak_memory_stats"]:
+        out.update(self._method.log_metrics(self._model))
+        if self._settings.log_peak_memory_stats:
             if self._device.type == "cuda":
                 out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self._device) / 2**30
             else:  # training.get_memory_stats does not work on the CPU: peak RSS

@@ -20,6 +20,7 @@ equal a single process's) and rank 0 gathers and writes them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -34,7 +35,6 @@ from tqdm import tqdm
 
 from abmll_tune.checkpointing import (
     CheckpointError,
-    build_model_from_checkpoint,
     checkpoint_kind,
     load_peft_adapter,
     load_training_checkpoint,
@@ -42,104 +42,68 @@ from abmll_tune.checkpointing import (
 )
 from abmll_tune.data.records import DataError
 from abmll_tune.distributed import gather_task_records, init_process_group, launched_by_torchrun
-from abmll_tune.evaluation import (
-    chance_accuracy,
-    default_variant,
-    eval_settings,
-    evaluate_tasks,
-)
+from abmll_tune.evaluation import chance_accuracy, evaluate_tasks
 from abmll_tune.io import atomic_write_json, atomic_write_text
-from abmll_tune.meta import METHODS
+from abmll_tune.methods import METHODS, Pretrained, method_from_saved_config
 from abmll_tune.metrics import summarize
+from abmll_tune.models.loading import build_model
 from abmll_tune.recipe_config import (
     RecipeConfigError,
-    check_component_sections,
+    check_eval_config,
     check_input_files,
     check_output_dir,
-    check_recipe_config,
-    meta_config,
 )
 
 log = utils.get_logger("INFO")
-KEYS = {
-    "output_dir",
-    "method",
-    "adapter_checkpoint",
-    "model",
-    "tokenizer",
-    "checkpointer",
-    "data",
-    "evaluation",
-    "seed",
-    "device",
-    "dtype",
-    "collective_timeout_s",
-}
 RESULTS_FORMAT = "abmll-tune-results"
-# methods whose trained adapter is one plain LoRA pair, which a PEFT adapter can hold
-PEFT_METHODS = ("lora", "structured_lora", "reptile")
 
 
 class FewShotEvaluationRecipe:
     """Adapt-then-score evaluation of one trained adapter (or none) on a split's tasks."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        problems = [f"{k}: unknown key (known: {sorted(KEYS)})" for k in cfg if k not in KEYS]
-        for key in ("output_dir", "method", "tokenizer", "checkpointer", "data"):
-            if key not in cfg:
-                problems.append(f"{key}: missing required key")
-        method = cfg.get("method")
-        if method not in (*METHODS, "pretrained"):
-            problems.append(f"method: {method!r} is not one of {[*METHODS, 'pretrained']}")
-        if method == "pretrained" and cfg.get("adapter_checkpoint"):
-            problems.append(
-                "adapter_checkpoint: method pretrained evaluates the base model; drop the checkpoint"
-            )
-        if method != "pretrained" and not cfg.get("adapter_checkpoint"):
-            problems.append(f"adapter_checkpoint: method {method!r} needs a checkpoint directory")
-        problems += check_component_sections(
-            cfg, {"model": False, "tokenizer": False, "checkpointer": False, "data": False}
-        )
-        try:
-            self._settings = eval_settings(
-                OmegaConf.to_container(cfg.get("evaluation", {}), resolve=True)
-            )
-        except (ValueError, TypeError) as err:
-            problems.append(f"evaluation: {err}")
-        if problems:
-            raise RecipeConfigError(problems)
+        # every key is checked before anything is built (EvalRecipeSettings, EvalSettings)
+        self._recipe_settings = check_eval_config(cfg)
+        self._settings = self._recipe_settings.evaluation
         check_input_files(cfg)
-        self._method = method
+        self._method_name = self._recipe_settings.method
         self._output_dir = check_output_dir(cfg.output_dir)
-        self._device = utils.get_device(device=cfg.get("device", "cpu"))
-        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+        self._device = utils.get_device(device=self._recipe_settings.device)
+        self._dtype = training.get_dtype(self._recipe_settings.dtype, device=self._device)
         self._world_size, self._rank = 1, 0
         if launched_by_torchrun():
-            timeout = cfg.get("collective_timeout_s", 1800)
+            timeout = self._recipe_settings.collective_timeout_s
             self._world_size, self._rank = init_process_group(self._device, timeout)
-        training.set_seed(seed=cfg.get("seed", 0))
+        training.set_seed(seed=self._recipe_settings.seed)
 
     def setup(self, cfg: DictConfig) -> None:
-        self._checkpoint = cfg.get("adapter_checkpoint")
-        self._meta, self._epoch, model_cfg, self._train_config = None, None, cfg.get("model"), {}
+        self._checkpoint = self._recipe_settings.adapter_checkpoint
+        self._epoch, model_cfg, self._train_config = None, cfg.get("model"), {}
         peft = self._checkpoint and checkpoint_kind(self._checkpoint) == "peft"
         if peft:
-            if self._method not in PEFT_METHODS:
+            method = METHODS.get(self._method_name)
+            if method is None or method.variational:
+                plain = [n for n, c in METHODS.items() if not c.variational and c.trains]
                 raise CheckpointError(
                     f"{self._checkpoint}: a PEFT LoRA adapter holds one LoRA pair; method "
-                    f"{self._method!r} needs an abmll-tune checkpoint (PEFT adapters evaluate "
-                    f"with method {' or '.join(PEFT_METHODS)})"
+                    f"{self._method_name!r} needs an abmll-tune checkpoint (PEFT adapters evaluate "
+                    f"with method {' or '.join(plain)})"
                 )
+            self._method = method()
             if model_cfg is None:
                 raise RecipeConfigError(["model: a PEFT adapter needs the model section"])
         elif self._checkpoint:
             saved = read_checkpoint_meta(self._checkpoint)
-            if saved["method"] != self._method:
+            if self._method_name is not None and saved["method"] != self._method_name:
                 raise CheckpointError(
-                    f"{self._checkpoint}: a checkpoint of method {saved['method']!r}, but method is {self._method!r}"
+                    f"{self._checkpoint}: a checkpoint of method {saved['method']!r}, but method "
+                    f"is {self._method_name!r}"
                 )
             self._train_config = saved["config"]
-            self._meta = meta_config(check_recipe_config(OmegaConf.create(saved["config"])))
+            try:
+                self._method = method_from_saved_config(saved["config"])
+            except ValueError as err:
+                raise CheckpointError(f"{self._checkpoint}: {err}") from None
             model_cfg = OmegaConf.create(saved["config"]["model"])
             progress = saved["progress"]
             self._epoch = (
@@ -147,15 +111,18 @@ class FewShotEvaluationRecipe:
                 if "validation" in progress
                 else progress.get("epoch")
             )
-        elif model_cfg is None:
-            raise RecipeConfigError(["model: method pretrained needs a model section"])
-        self._model, hf_config = build_model_from_checkpoint(
+        else:
+            self._method = Pretrained()
+            if model_cfg is None:
+                raise RecipeConfigError(["model: method pretrained needs a model section"])
+        # the builder's adapter initialisation (seeded above) is kept: a zero B for pretrained
+        self._model, hf_config = build_model(
             model_cfg, cfg.checkpointer, device=self._device, dtype=self._dtype
         )
         if peft:
             load_peft_adapter(self._checkpoint, self._model, hf_config)
         elif self._checkpoint:
-            load_training_checkpoint(self._checkpoint, self._model, self._method)
+            load_training_checkpoint(self._checkpoint, self._model, self._method.name)
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._data = config.instantiate(cfg.data, tokenizer=self._tokenizer)
         split = self._data.split
@@ -185,7 +152,7 @@ class FewShotEvaluationRecipe:
         mine = self._tasks[self._rank :: self._world_size]
         with tqdm(
             total=len(mine) * len(s.seeds),
-            desc=f"evaluating {self._method}",
+            desc=f"evaluating {self._method.name}",
             unit="task",
             disable=self._rank != 0,
         ) as bar:
@@ -195,7 +162,6 @@ class FewShotEvaluationRecipe:
                 mine,
                 s,
                 method=self._method,
-                meta=self._meta,
                 progress=bar,
             )
         records = gather_task_records(records, self._tasks)
@@ -204,19 +170,18 @@ class FewShotEvaluationRecipe:
         results = {
             "format": RESULTS_FORMAT,
             "version": 1,
-            "method": self._method,
+            "method": self._method.name,
             "run": self._output_dir.name,
             "split": self._data.split.name,
             "part": s.part,
             "tasks": self._tasks,
             "checkpoint": self._checkpoint,
             "checkpoint_epoch": self._epoch,
-            "default_variant": default_variant(self._method),
+            "default_variant": self._method.default_variant,
             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items()},
-            "training": {
-                k: self._train_config.get(k)
-                for k in ("beta", "gamma", "outer_grad", "seed", "epochs")
-                if k in self._train_config
+            "training": {  # what the report's ablation tables read (beta, gamma, outer_grad)
+                **{k: self._train_config[k] for k in ("seed", "epochs") if k in self._train_config},
+                **(dataclasses.asdict(self._method) if self._train_config else {}),
             },
             "chance_accuracy": chance_accuracy(self._data, self._tasks, s.part),
             "processes": self._world_size,

@@ -19,8 +19,8 @@ import torch
 from omegaconf import DictConfig
 from torchtune import config, training, utils
 
-from abmll_tune.checkpointing import build_model_from_checkpoint
 from abmll_tune.io import atomic_write_json
+from abmll_tune.models.loading import build_model
 from abmll_tune.modules import (
     ADAPTER_MODES,
     adapter_mode,
@@ -45,7 +45,7 @@ class InspectModelRecipe:
 
     def setup(self) -> None:
         cfg = self._cfg
-        self._model, _ = build_model_from_checkpoint(
+        self._model, _ = build_model(
             cfg.model, cfg.checkpointer, device=self._device, dtype=self._dtype
         )
         self._layers = variational_lora_layers(self._model)

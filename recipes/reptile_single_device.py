@@ -3,9 +3,9 @@
     tune run recipes/reptile_single_device --config configs/tiny_cpu_reptile.yaml
 
 The same recipe and loop as ``recipes/abmll_meta_single_device`` (one meta-training
-loop serves ABMLL, Reptile, Structured LoRA and Regular LoRA); this entry point only
-makes ``method: reptile`` the default and refuses ABMLL configs, so that a Reptile
-config reads as one. It imports the recipe from the installed package
+loop serves every method); this entry point only makes Reptile the default method and
+refuses the Bayesian ones (``variational``: ABMLL), so that a Reptile config reads as
+one. It imports the recipe from the installed package
 (``abmll_tune.recipes``, this directory as installed), so the file also runs when copied
 alone into another torchtune workflow.
 """
@@ -15,16 +15,23 @@ from __future__ import annotations
 import sys
 
 from abmll_tune.recipes.abmll_meta_single_device import run
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config
+
+from abmll_tune.methods import method_class
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     if "method" not in cfg:
-        cfg.method = "reptile"
-    if cfg.method == "abmll":
-        print("error: method: abmll runs with recipes/abmll_meta_single_device", file=sys.stderr)
+        cfg.method = {"_component_": "abmll_tune.methods.Reptile"}
+    value = cfg.method
+    cls, _ = method_class(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+    if cls is not None and cls.variational:
+        print(
+            f"error: method {cls.name!r} runs with recipes/abmll_meta_single_device",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     run(cfg, recipe_name="ReptileRecipeSingleDevice")
 

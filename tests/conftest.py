@@ -15,14 +15,14 @@ def _fixed_seed_and_threads():
 
 @pytest.fixture(scope="session")
 def tiny_llama3_checkpoint(tmp_path_factory):
-    from abmll_tune.models.tiny import write_tiny_checkpoint
+    from abmll_tune.embedded.backbone import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_llama3_hf", "llama3")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_checkpoint(tmp_path_factory):
-    from abmll_tune.models.tiny import write_tiny_checkpoint
+    from abmll_tune.embedded.backbone import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_qwen2_hf", "qwen2")
 
@@ -30,7 +30,7 @@ def tiny_qwen2_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedded_source(tmp_path_factory):
     """The embedded suite in MetaICL layout, with its tokenizer files."""
-    from abmll_tune.data.embedded import generate_suite
+    from abmll_tune.embedded.suite import generate_suite
 
     out = tmp_path_factory.mktemp("embedded") / "src"
     generate_suite(out)
@@ -57,9 +57,9 @@ def tokenizers(embedded_source, tmp_path_factory):
     import sentencepiece as spm
     from torchtune.models.llama2 import llama2_tokenizer
 
-    from abmll_tune.data.embedded import llama3_tokenizer, qwen2_tokenizer
     from abmll_tune.data.prompt import render_demonstrations, render_prompt
     from abmll_tune.data.records import read_jsonl_examples
+    from abmll_tune.embedded.suite import llama3_tokenizer, qwen2_tokenizer
 
     corpus = []
     for path in sorted(embedded_source.glob("emb-train-0*/*.jsonl")):
@@ -85,8 +85,8 @@ def tokenizers(embedded_source, tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedded_backbone(tmp_path_factory):
     """The tiny Llama3 sized for the embedded suite's tokenizer, as an HF checkpoint."""
-    from abmll_tune.data.embedded import MODEL_VOCAB
-    from abmll_tune.models.tiny import write_tiny_checkpoint
+    from abmll_tune.embedded.backbone import write_tiny_checkpoint
+    from abmll_tune.embedded.suite import MODEL_VOCAB
 
     return write_tiny_checkpoint(
         tmp_path_factory.mktemp("backbone") / "tiny",

@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
-from abmll_tune.data.embedded import llama3_tokenizer
 from abmll_tune.data.loader import TaskData, collate_mc
+from abmll_tune.embedded.backbone import TINY_EMBEDDED
+from abmll_tune.embedded.suite import llama3_tokenizer
 from abmll_tune.evaluation import option_probabilities
 from abmll_tune.models import abmll_llama3
-from abmll_tune.models.tiny import TINY_EMBEDDED
 from abmll_tune.modules import ADAPTER_MODES, adapter_mode, adapter_params_by_group
 from abmll_tune.objectives import answer_logits, answer_nll, shifted_labels
 

@@ -9,7 +9,7 @@ from torchtune.modules.peft import get_adapter_params, get_adapter_state_dict
 from torchtune.training import FullModelHFCheckpointer
 
 from abmll_tune import models
-from abmll_tune.models.tiny import TINY_LLAMA3, TINY_QWEN2
+from abmll_tune.embedded.backbone import TINY_LLAMA3, TINY_QWEN2
 from abmll_tune.modules import VariationalLoRALinear, adapter_mode, variational_lora_layers
 
 PAIRS = 4
@@ -144,9 +144,9 @@ def test_hf_checkpoint_loads_into_abmll_model(
 
 
 def test_backbone_pretraining_lowers_the_lm_loss_deterministically(embedded_source):
-    from abmll_tune.data.embedded import MODEL_VOCAB, llama3_tokenizer, task_names
-    from abmll_tune.models.pretrain import pretrain, pretraining_texts
-    from abmll_tune.models.tiny import build_tiny_base
+    from abmll_tune.embedded.backbone import build_tiny_base
+    from abmll_tune.embedded.pretrain import pretrain, pretraining_texts
+    from abmll_tune.embedded.suite import MODEL_VOCAB, llama3_tokenizer, task_names
 
     texts = pretraining_texts(40)
     assert any(t.startswith("Return the label") for t in texts) and any(

@@ -66,9 +66,9 @@ def test_tune_run_reports_a_model_that_does_not_fit_the_checkpoint(
 
 def test_tiny_checkpoint_command_refuses_to_overwrite(tmp_path):
     out = tmp_path / "tiny"
-    first = run([sys.executable, "-m", "abmll_tune.models.tiny", "--out", str(out)])
+    first = run([sys.executable, "-m", "abmll_tune.embedded.backbone", "--out", str(out)])
     assert first.returncode == 0, first.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    again = run([sys.executable, "-m", "abmll_tune.models.tiny", "--out", str(out)])
+    again = run([sys.executable, "-m", "abmll_tune.embedded.backbone", "--out", str(out)])
     assert again.returncode == 2 and "--overwrite" in again.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no temporary directory left behind

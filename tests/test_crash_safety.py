@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from abmll_tune.checkpointing import CheckpointError, load_training_checkpoint
+from abmll_tune.embedded.backbone import TINY_EMBEDDED
 from abmll_tune.io import atomic_directory, recover_directory
 from abmll_tune.models import abmll_llama3
-from abmll_tune.models.tiny import TINY_EMBEDDED
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from abmll_tune.data.build import BuildOptions, build_split, load_manifest
-from abmll_tune.data.embedded import BPE_VOCAB, MODEL_VOCAB, generate_suite, make_lexicon
 from abmll_tune.data.records import DataError, MCExample, read_jsonl_examples
 from abmll_tune.data.sources import (
     METAICL_HUB_REVISION,
@@ -21,6 +20,7 @@ from abmll_tune.data.sources import (
     convert_legalbench,
     open_source,
 )
+from abmll_tune.embedded.suite import BPE_VOCAB, MODEL_VOCAB, generate_suite, make_lexicon
 
 REPO = Path(__file__).resolve().parents[1]
 

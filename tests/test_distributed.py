@@ -152,7 +152,7 @@ def test_one_outer_step_on_two_processes_equals_the_averaged_single_process_upda
             learner.inner_step([batch])
         phis.append({k: p.detach().clone() for k, p in locals_.items()})
     local_name = {k: k.replace(".lora_global_", ".lora_local_") for k in theta0}
-    eps = {"mean": cfg.outer_step_mean, "std": cfg.get("outer_step_std", 0.0)}
+    eps = {"mean": cfg.method.outer_step_mean, "std": cfg.method.get("outer_step_std", 0.0)}
     expected = {}
     for k, t0 in theta0.items():
         delta = sum(phi[local_name[k]] - t0 for phi in phis) / 2
@@ -168,15 +168,17 @@ def test_one_outer_step_on_two_processes_equals_the_averaged_single_process_upda
                     locals_[local_name[k]].copy_(phi[local_name[k]])
             set_trainable_scope(model, "global")
             model.zero_grad(set_to_none=True)
-            (beta_kl(model, learner.cfg.elbo) + gamma_prior(model, learner.cfg.elbo)).backward()
+            (
+                beta_kl(model, learner.method.elbo) + gamma_prior(model, learner.method.elbo)
+            ).backward()
             grads.append(
                 {k: p.grad.clone() for k, p in globals_.items() if ".lora_global_std_" in k}
             )
         stds = {k: expected[k].clone().requires_grad_(True) for k in grads[0]}
-        optimizer = torch.optim.AdamW(stds.values(), lr=cfg.outer_lr_std, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(stds.values(), lr=cfg.method.outer_lr_std, weight_decay=0.0)
         for k, p in stds.items():
             p.grad = ((grads[0][k] + grads[1][k]) / 2).clamp(
-                -cfg.std_grad_clamp, cfg.std_grad_clamp
+                -cfg.method.std_grad_clamp, cfg.method.std_grad_clamp
             )
         optimizer.step()
         expected.update({k: p.detach() for k, p in stds.items()})

@@ -2,6 +2,7 @@
 selection, the evaluation recipe, the report command and their bad inputs."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +10,13 @@ import pytest
 import torch
 from helpers import tune_run
 
-from abmll_tune.data.embedded import llama3_tokenizer
 from abmll_tune.data.loader import TaskData, heldout_batches
+from abmll_tune.embedded.backbone import TINY_EMBEDDED
+from abmll_tune.embedded.suite import llama3_tokenizer
 from abmll_tune.evaluation import EvalSettings, evaluate_tasks, option_probabilities, pruned
+from abmll_tune.methods import METHODS
 from abmll_tune.metrics import all_metrics, pad_probs
 from abmll_tune.models import abmll_llama3
-from abmll_tune.models.tiny import TINY_EMBEDDED
 from abmll_tune.modules import adapter_params_by_group
 from abmll_tune.report import ReportError, write_report
 
@@ -56,8 +58,9 @@ def test_tasks_start_from_a_fresh_copy_so_order_does_not_matter(data, method):
     before = {k: v.clone() for k, v in adapter_params_by_group(model).items()}
     settings = EvalSettings(seeds=(100, 13), adapt_steps=3, samples=(1, 3), eval_batch_size=32)
     tasks = ["emb-test-00", "emb-test-01", "emb-test-02"]
-    forward = evaluate_tasks(model, data, tasks, settings, method=method)
-    backward = evaluate_tasks(model, data, list(reversed(tasks)), settings, method=method)
+    trained = METHODS[method]()
+    forward = evaluate_tasks(model, data, tasks, settings, method=trained)
+    backward = evaluate_tasks(model, data, list(reversed(tasks)), settings, method=trained)
     key = lambda r: (r["task"], r["seed"], r["variant"], r["id"])  # noqa: E731
     assert sorted(forward, key=key) == sorted(backward, key=key)
     assert all(
@@ -67,7 +70,7 @@ def test_tasks_start_from_a_fresh_copy_so_order_does_not_matter(data, method):
     assert variants == ({"s1", "s3", "mean"} if method == "abmll" else {"mean"})
     # adaptation does something: without it, the predictions differ
     untouched = evaluate_tasks(
-        model, data, tasks[:1], EvalSettings(seeds=(100,), adapt_steps=0), method=method
+        model, data, tasks[:1], EvalSettings(seeds=(100,), adapt_steps=0), method=trained
     )
     adapted = [
         r for r in forward if r["task"] == tasks[0] and r["seed"] == 100 and r["variant"] == "mean"
@@ -217,7 +220,7 @@ def test_evaluation_bad_inputs(trained, tmp_path, capsys, tiny_llama3_checkpoint
         "evaluation.samplez=[1]",
         capsys=capsys,
     )
-    assert code == 2 and "unknown evaluation keys ['samplez']" in err
+    assert code == 2 and "evaluation.samplez: unknown key (did you mean 'samples'?)" in err
 
 
 def fake_results(
@@ -331,9 +334,9 @@ def test_sweep_writes_one_directory_per_run_and_resumes(embedded_overrides, tmp_
         "-m",
         "abmll_tune.sweep",
         "--config",
-        "configs/tiny_cpu_abmll.yaml",
+        str(REPO / "configs" / "tiny_cpu_abmll.yaml"),
         "--eval-config",
-        "configs/tiny_cpu_eval.yaml",
+        str(REPO / "configs" / "tiny_cpu_eval.yaml"),
         "--out",
         str(tmp_path / "sweep"),
         "--log10-betas",
@@ -347,14 +350,17 @@ def test_sweep_writes_one_directory_per_run_and_resumes(embedded_overrides, tmp_
         "stop_after_visits=4",
         "validation.max_tasks=2",
     ]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    # from another directory, without the checkout on PYTHONPATH: the installed package only
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    options = dict(cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, **options)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / "sweep").iterdir())
     assert runs == ["beta_1_seed_0", "beta_1e-08_seed_0"]
     for run in runs:
         results = json.loads((tmp_path / "sweep" / run / "eval" / "results.json").read_text())
         assert results["training"]["beta"] == (1.0 if run.startswith("beta_1_") else 1e-8)
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, **options)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 2
 
 

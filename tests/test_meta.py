@@ -15,13 +15,14 @@ from abmll_tune.checkpointing import (
     peft_to_tune_adapter,
     save_training_checkpoint,
 )
-from abmll_tune.data.embedded import MODEL_VOCAB, llama3_tokenizer
 from abmll_tune.data.loader import MetaTaskSampler, TaskData, TaskVisit
-from abmll_tune.meta import MetaConfig, MetaLearner
+from abmll_tune.embedded.backbone import TINY_EMBEDDED
+from abmll_tune.embedded.suite import MODEL_VOCAB, llama3_tokenizer
+from abmll_tune.meta import MetaLearner
+from abmll_tune.methods import ABMLL, RegularLoRA, Reptile, StructuredLoRA
 from abmll_tune.models import abmll_llama3
-from abmll_tune.models.tiny import TINY_EMBEDDED
 from abmll_tune.modules import adapter_mode, adapter_params_by_group
-from abmll_tune.objectives import ELBOWeights, answer_nll
+from abmll_tune.objectives import answer_nll
 
 ARCH = dict(TINY_EMBEDDED, intermediate_dim=128)
 
@@ -78,8 +79,8 @@ def test_reptile_update_equals_the_formula_on_a_hand_checked_step(tasks):
         with torch.no_grad():
             for p, g in zip(manual_local.values(), grads, strict=True):
                 p.sub_(lr * g)
-    cfg = MetaConfig(method="reptile", inner_steps=3, inner_lr_mean=lr, outer_step_mean=eps)
-    learner = MetaLearner(model, cfg, sgd(lr))
+    cfg = Reptile(inner_lr_mean=lr, outer_step_mean=eps)
+    learner = MetaLearner(model, cfg, sgd(lr), inner_steps=3)
     learner.train_task(visit)
     phi = params(model, "local")
     for name, p in phi.items():
@@ -93,14 +94,8 @@ def test_reptile_update_equals_the_formula_on_a_hand_checked_step(tasks):
 
 def test_reptile_outer_optimizer_uses_the_pseudo_gradient(tasks):
     model = make_model(False)
-    cfg = MetaConfig(
-        method="reptile",
-        inner_steps=2,
-        inner_lr_mean=0.05,
-        outer_update="optimizer",
-        outer_lr_mean=0.5,
-    )
-    learner = MetaLearner(model, cfg, sgd(0.05), sgd(0.5))
+    cfg = Reptile(inner_lr_mean=0.05, outer_update="optimizer", outer_lr_mean=0.5)
+    learner = MetaLearner(model, cfg, sgd(0.05), sgd(0.5), inner_steps=2)
     theta0 = params(model, "global")
     learner.train_task(first_visit(tasks, 2))
     for name, theta in params(model, "global").items():
@@ -113,19 +108,20 @@ def test_reptile_outer_optimizer_uses_the_pseudo_gradient(tasks):
 @pytest.mark.parametrize("outer_grad", ["reptile", "first_order", "kl_only"])
 def test_abmll_resets_local_from_global_at_each_task_and_moves_global(tasks, outer_grad):
     model = make_model(True, std_b_init_std=0.01)
-    cfg = MetaConfig(
-        method="abmll",
-        inner_steps=2,
+    cfg = ABMLL(
         inner_lr_mean=1e-3,
         inner_lr_std=1e-4,
         outer_grad=outer_grad,
         outer_lr_mean=1e-3,
         outer_lr_std=1e-4,
         std_grad_clamp=1.0,
-        elbo=ELBOWeights(beta=1e-6, gamma=1e-6),
+        beta=1e-6,
+        gamma=1e-6,
     )
-    learner = MetaLearner(model, cfg, adamw, adamw)
-    sampler = MetaTaskSampler(tasks, batch_size=2, batches_per_task=cfg.batches_per_task, seed=0)
+    learner = MetaLearner(model, cfg, adamw, adamw, inner_steps=2)
+    sampler = MetaTaskSampler(
+        tasks, batch_size=2, batches_per_task=learner.batches_per_task, seed=0
+    )
     seen = []
     inner_step = learner.inner_step
 
@@ -172,12 +168,8 @@ def test_structured_lora_with_k1_and_one_task_equals_regular_lora(tasks):
         for b in v.batches
     ]
     structured, regular = make_model(False), make_model(False)
-    s_learner = MetaLearner(
-        structured, MetaConfig(method="structured_lora", inner_steps=1, inner_lr_mean=1e-3), adamw
-    )
-    r_learner = MetaLearner(
-        regular, MetaConfig(method="lora", inner_steps=1, inner_lr_mean=1e-3), adamw
-    )
+    s_learner = MetaLearner(structured, StructuredLoRA(inner_lr_mean=1e-3), adamw, inner_steps=1)
+    r_learner = MetaLearner(regular, RegularLoRA(inner_lr_mean=1e-3), adamw, inner_steps=1)
     for i, batch in enumerate(batches):
         s_learner.train_task(TaskVisit(0, i, name, [batch]))
         r_learner.train_task(TaskVisit(0, i, "<pooled>", [batch]))
@@ -188,24 +180,24 @@ def test_structured_lora_with_k1_and_one_task_equals_regular_lora(tasks):
 
 def test_method_and_model_must_agree():
     with pytest.raises(ValueError, match="needs model.variational=True"):
-        MetaLearner(make_model(False), MetaConfig(method="abmll"), adamw, adamw)
+        MetaLearner(make_model(False), ABMLL(), adamw, adamw)
     with pytest.raises(ValueError, match="needs model.variational=False"):
-        MetaLearner(make_model(True), MetaConfig(method="reptile"), adamw)
+        MetaLearner(make_model(True), Reptile(), adamw)
     with pytest.raises(ValueError, match="outer_grad"):
-        MetaConfig(method="abmll", outer_grad="second_order")
+        ABMLL(outer_grad="second_order")
 
 
 def test_std_grad_clamp_is_elementwise(tasks):
     model = make_model(True, std_b_init_std=0.01)
-    cfg = MetaConfig(method="abmll", std_grad_clamp=1e-3)
-    learner = MetaLearner(model, cfg, adamw, adamw)
+    cfg = ABMLL(std_grad_clamp=1e-3)
+    MetaLearner(model, cfg, adamw, adamw)
     stds = adapter_params_by_group(model, "local", "std")
     for p in stds.values():
         p.grad = torch.linspace(-5, 5, p.numel()).reshape(p.shape)
     means = adapter_params_by_group(model, "local", "mean")
     for p in means.values():
         p.grad = torch.full_like(p, 5.0)
-    learner._clamp_std_grads("local")
+    cfg.clip_grads(model, "local")
     assert all(p.grad.abs().max() == pytest.approx(1e-3) for p in stds.values())
     assert all(bool((p.grad == 5.0).all()) for p in means.values())  # means untouched
 

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 from torchtune.config._validate import validate
 
-from abmll_tune.recipe_config import RecipeConfigError, check_recipe_config, meta_config
+from abmll_tune.recipe_config import RecipeConfigError, check_recipe_config, config_warnings
 
 ALL = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 CONFIGS = [p for p in ALL if "inspect" not in p.name and not p.stem.endswith("_eval")]
@@ -30,27 +30,21 @@ def test_the_shipped_configs_cover_the_papers_grid():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_passes_our_checks_and_tune_validate(path):
     cfg = OmegaConf.load(path)
-    settings = check_recipe_config(cfg)
-    meta_config(settings)  # the loop accepts it too
-    validate(cfg)  # torchtune's own: every _component_ binds its arguments
+    settings, method = check_recipe_config(cfg)
+    validate(cfg)  # torchtune's own: every _component_ binds its arguments (the method too)
     if path.stem.startswith(("llama3_8b", "qwen2_7b")):
-        assert settings["dtype"] == "bf16" and settings["batch_size"] == 2
-        assert 1e-6 <= settings["inner_lr_mean"] <= 5e-5
+        assert settings.dtype == "bf16" and settings.batch_size == 2
+        assert 1e-6 <= method.inner_lr_mean <= 5e-5
         assert cfg.model.lora_rank == 8 and cfg.model.lora_alpha == 16
         assert list(cfg.model.lora_attn_modules) == ["q_proj", "v_proj", "output_proj"]
-        assert settings["enable_activation_checkpointing"]
-        if settings["method"] != "lora":
-            assert settings["inner_steps"] == 5
-        if settings["method"] == "abmll":
-            assert (settings["beta"], settings["gamma"], settings["a0"], settings["b0"]) == (
-                5e-10,
-                1e-6,
-                1.0,
-                0.01,
-            )
+        assert settings.enable_activation_checkpointing
+        if method.name != "lora":
+            assert settings.inner_steps == 5
+        if method.name == "abmll":
+            assert (method.beta, method.gamma, method.a0, method.b0) == (5e-10, 1e-6, 1.0, 0.01)
     if path.stem.endswith("literal"):
-        assert cfg.model.std_param == "affine" and settings["prior_mu_var"] == "sigma_floor"
-        assert settings["outer_grad"] == "kl_only" and settings["local_init"] == "global"
+        assert cfg.model.std_param == "affine" and method.prior_mu_var == "sigma_floor"
+        assert method.outer_grad == "kl_only" and method.local_init == "global"
 
 
 @pytest.mark.parametrize("path", EVAL_CONFIGS, ids=lambda p: p.stem)
@@ -82,7 +76,7 @@ def base_cfg(**changes):
         if value is None:
             del cfg[key]
         else:
-            OmegaConf.update(cfg, key, value)
+            OmegaConf.update(cfg, key, value, merge=False)
     return cfg
 
 
@@ -95,27 +89,39 @@ def base_cfg(**changes):
         ),
         (
             {
-                "method": "reptile",
+                "method": {
+                    "_component_": "abmll_tune.methods.Reptile",
+                    "outer_update": "optimizer",
+                },
                 "model.variational": False,
                 "model.sampling": "mean",
-                "outer_update": "optimizer",
                 "outer_optimizer": None,
             },
             "outer_optimizer: method 'reptile'",
         ),
         (
             {"method": "abmll", "model.variational": False},
-            "model.variational: ABMLL needs the std pairs",
+            "model.variational: method 'abmll' needs the std pairs",
         ),
-        ({"dtype": "bf16"}, "dtype: bf16 on the CPU is about 30x slower"),
+        (
+            {"method": "reptile", "model.variational": False},
+            "model.sampling: 'local' needs variance adapters",
+        ),
         (
             {"method": "lora", "model.variational": False, "model.sampling": "mean"},
             "inner_steps: Regular LoRA takes one step per pooled batch",
         ),
-        ({"beta": True}, "beta: expected int or float, got bool True"),
+        ({"method.beta": True}, "method.beta: expected float, got bool True"),
         (
-            {"prior_mu_var": "flat"},
+            {"method.prior_mu_var": "flat"},
             "prior_mu_var: 'flat' must be 'pretrained', 'sigma_floor' or a number",
+        ),
+        ({"beta": 1e-3}, "beta: a setting of method 'abmll'; move it into the method section"),
+        ({"method.betta": 1e-3}, "method.betta: unknown key (did you mean 'beta'?)"),
+        ({"method": "maml"}, "method: 'maml' is not a method"),
+        (
+            {"method._component_": "torch.optim.AdamW"},
+            "method._component_: 'torch.optim.AdamW' is not an abmll_tune.methods.Method",
         ),
         ({"epochs": 0}, "epochs: must be >= 1, got 0"),
         ({"tokenizer": None}, "tokenizer: missing required section"),
@@ -125,3 +131,9 @@ def test_bad_combinations_are_named(changes, message):
     with pytest.raises(RecipeConfigError) as info:
         check_recipe_config(base_cfg(**changes))
     assert any(message in p for p in info.value.problems), info.value.problems
+
+
+def test_bf16_on_the_cpu_is_a_warning_not_an_error():
+    settings, _ = check_recipe_config(base_cfg(dtype="bf16"))
+    assert any("bf16 on the CPU is about 30x slower" in w for w in config_warnings(settings))
+    assert config_warnings(check_recipe_config(base_cfg())[0]) == []

@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from torchtune import training
 from torchtune.training import FullModelHFCheckpointer
 
-from abmll_tune.checkpointing import build_model_from_checkpoint
 from abmll_tune.data.prompt import PromptTokenizer, answer_letter_ids, render_prompt
 from abmll_tune.data.records import MCExample
+from abmll_tune.models.loading import build_model
 from abmll_tune.models.smollm2 import (
     SMOLLM2_135M,
     SmolLM2Error,
@@ -88,7 +88,7 @@ def abmll_model(smollm2_checkpoint, tmp_path_factory):
             "output_dir": str(tmp_path_factory.mktemp("out")),
         }
     )
-    model, _ = build_model_from_checkpoint(
+    model, _ = build_model(
         model_cfg(variational=True, sampling="local"),
         ckpt,
         device=torch.device("cpu"),

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"wrote {args.out}")
         elif args.command == "embedded":
-            from abmll_tune.data.embedded import generate_suite
+            from abmll_tune.embedded.suite import generate_suite
 
             summary = generate_suite(args.out, args.seed)
             print(f"wrote the embedded suite to {args.out}: {summary['tasks']} tasks")

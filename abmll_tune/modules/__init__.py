@@ -1,7 +1,12 @@
 """Adapter modules: the variational LoRA layer and the Gaussian math behind it."""
 
 from abmll_tune.modules.gaussian import (
+    STD_FORMS,
     STD_PARAMS,
+    Affine,
+    Exp,
+    SoftAbs,
+    StdParam,
     kl_diag_gaussians,
     local_reparam_noise,
     neg_log_prior,
@@ -12,12 +17,14 @@ from abmll_tune.modules.variational_lora import (
     ADAPTER_MODES,
     DEFAULT_SIGMA_FLOOR,
     SAMPLING,
+    AdapterMode,
     VariationalLoRALinear,
     adapter_mode,
     adapter_param_groups,
     adapter_params_by_group,
     kl_local_global,
     neg_log_prior_global,
+    pinned_share,
     reset_local_from_global,
     set_adapter_mode,
     set_trainable_scope,
@@ -27,6 +34,12 @@ from abmll_tune.modules.variational_lora import (
 
 __all__ = [
     "ADAPTER_MODES",
+    "STD_FORMS",
+    "Affine",
+    "AdapterMode",
+    "Exp",
+    "SoftAbs",
+    "StdParam",
     "DEFAULT_SIGMA_FLOOR",
     "SAMPLING",
     "STD_PARAMS",
@@ -39,6 +52,7 @@ __all__ = [
     "local_reparam_noise",
     "neg_log_prior",
     "neg_log_prior_global",
+    "pinned_share",
     "output_variance",
     "reset_local_from_global",
     "set_adapter_mode",

@@ -41,16 +41,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-STD_PARAMS = ("softabs", "affine", "exp")
-
 # Elements of one dense float64 chunk (2 MiB, cache-sized; measured fastest on CPU): bounds the transient memory of KL,
 # prior, dense variance and weight-space noise, whatever the layer size.
 DEFAULT_CHUNK_ELEMENTS = 2**18
-
-
-def _check_std_param(std_param: str) -> None:
-    if std_param not in STD_PARAMS:
-        raise ValueError(f"std_param must be one of {STD_PARAMS}, got {std_param!r}")
 
 
 def chunk_rows_for(in_dim: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
@@ -59,66 +52,143 @@ def chunk_rows_for(in_dim: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) ->
 
 
 # --------------------------------------------------------------------------------------
-# Elementwise building blocks (dense, on one row chunk)
+# The std parameterizations: sigma = f(m; c) of the pre-activation m = s B A
 # --------------------------------------------------------------------------------------
 
 
-def std_variance(m: Tensor, floor: float, std_param: str) -> Tensor:
-    """sigma^2 for the pre-activation ``m = s * B A`` (dense, elementwise)."""
-    if std_param == "softabs":
-        return m * m + floor * floor
-    if std_param == "affine":
-        return (m + floor) ** 2
-    if std_param == "exp":
-        return (floor * floor) * torch.exp(2.0 * m)
-    _check_std_param(std_param)
-    raise AssertionError  # unreachable
+class StdParam:
+    """One form f of sigma = f(m; c); a new form is one subclass (registered by ``name``).
 
-
-def std_dense(m: Tensor, floor: float, std_param: str) -> Tensor:
-    """sigma for the pre-activation ``m = s * B A`` (dense, elementwise)."""
-    if std_param == "softabs":
-        return torch.sqrt(m * m + floor * floor)
-    if std_param == "affine":
-        return torch.abs(m + floor)
-    if std_param == "exp":
-        return floor * torch.exp(m)
-    _check_std_param(std_param)
-    raise AssertionError  # unreachable
-
-
-def _variance_inplace(
-    m: Tensor, floor: float, std_param: str, half_slope_out: Tensor | None, log_out: Tensor | None
-) -> Tensor | None:
-    """Overwrite the scratch chunk ``m`` (pre-activations s B A) with sigma^2.
-
-    Writes (d sigma^2 / dm) / 2 into ``half_slope_out`` when given and, when a ``log_out``
-    scratch is given, returns sum(log sigma^2) (else None). In place because this is
-    memory-bound work: every pass over a chunk, and every fresh allocation, costs.
+    The KL, the prior and the sampling code call only these methods.
     """
-    log_sum = None
-    if std_param == "exp":  # log sigma^2 = 2 log c + 2 m
-        m.mul_(2.0).add_(2.0 * math.log(floor))
+
+    name: str = ""
+    can_reach_zero = False  # sigma = 0 possible (then log sigma^2 must be guarded)
+    low_rank_variance = False  # sigma^2 x^2 has a low-rank form (no dense d_out x d_in)
+
+    def variance(self, m: Tensor, floor: float) -> Tensor:
+        """sigma^2, dense and elementwise."""
+        raise NotImplementedError
+
+    def std(self, m: Tensor, floor: float) -> Tensor:
+        """sigma, dense and elementwise."""
+        return torch.sqrt(self.variance(m, floor))
+
+    def variance_inplace(
+        self, m: Tensor, floor: float, half_slope_out: Tensor | None, log_out: Tensor | None
+    ) -> Tensor | None:
+        """Overwrite the scratch chunk ``m`` with sigma^2; write (d sigma^2 / dm) / 2 into
+        ``half_slope_out`` when given and, when a ``log_out`` scratch is given, return
+        sum(log sigma^2) (else None). In place because this is memory-bound work: every
+        pass over a chunk, and every fresh allocation, costs."""
+        raise NotImplementedError
+
+    def output_variance_extra(self, x2: Tensor, a: Tensor, b: Tensor, scale: float, floor: float):
+        """The terms of sum_j sigma_ij^2 x_j^2 beyond (s B A)^2 x^2 + c^2 sum x^2 (low-rank forms)."""
+        return None
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class SoftAbs(StdParam):
+    """sigma^2 = (s B A)^2 + c^2 (default; sigma = c at B = 0, never below c)."""
+
+    name = "softabs"
+    low_rank_variance = True
+
+    def variance(self, m, floor):
+        return m * m + floor * floor
+
+    def variance_inplace(self, m, floor, half_slope_out, log_out):
+        if half_slope_out is not None:
+            half_slope_out.copy_(m)
+        m.mul_(m).add_(floor * floor)
+        return None if log_out is None else _sum64(torch.log(m, out=log_out))
+
+
+class Affine(StdParam):
+    """sigma = |s B A + c| (the paper's literal "BA + cI"; can cross zero)."""
+
+    name = "affine"
+    can_reach_zero = True
+    low_rank_variance = True
+
+    def variance(self, m, floor):
+        return (m + floor) ** 2
+
+    def std(self, m, floor):
+        return torch.abs(m + floor)
+
+    def variance_inplace(self, m, floor, half_slope_out, log_out):
+        m.add_(floor)
+        if half_slope_out is not None:
+            half_slope_out.copy_(m)
+        log_sum = None
         if log_out is not None:
-            log_sum = _sum64(m)
+            log_sum = 2.0 * _sum64(torch.abs(m, out=log_out).log_())
+        m.mul_(m)
+        return log_sum
+
+    def output_variance_extra(self, x2, a, b, scale, floor):
+        return (2.0 * floor * scale) * ((x2 @ a.transpose(0, 1)) @ b.transpose(0, 1))
+
+
+class Exp(StdParam):
+    """sigma = c exp(s B A) (no low-rank variance: sampled densely, chunk by chunk)."""
+
+    name = "exp"
+
+    def variance(self, m, floor):
+        return (floor * floor) * torch.exp(2.0 * m)
+
+    def std(self, m, floor):
+        return floor * torch.exp(m)
+
+    def variance_inplace(self, m, floor, half_slope_out, log_out):
+        m.mul_(2.0).add_(2.0 * math.log(floor))  # log sigma^2 = 2 log c + 2 m
+        log_sum = None if log_out is None else _sum64(m)
         m.exp_()
         if half_slope_out is not None:
             half_slope_out.copy_(m)
         return log_sum
-    if std_param == "softabs":  # sigma^2 = m^2 + c^2
-        if half_slope_out is not None:
-            half_slope_out.copy_(m)
-        m.mul_(m).add_(floor * floor)
-        if log_out is not None:
-            log_sum = _sum64(torch.log(m, out=log_out))
-        return log_sum
-    m.add_(floor)  # affine: sigma^2 = (m + c)^2
-    if half_slope_out is not None:
-        half_slope_out.copy_(m)
-    if log_out is not None:
-        log_sum = 2.0 * _sum64(torch.abs(m, out=log_out).log_())
-    m.mul_(m)
-    return log_sum
+
+
+STD_FORMS: dict[str, StdParam] = {form.name: form for form in (SoftAbs(), Affine(), Exp())}
+STD_PARAMS = tuple(STD_FORMS)
+
+
+def std_form(std_param: str | StdParam) -> StdParam:
+    """The :class:`StdParam` of a name (or the form itself)."""
+    if isinstance(std_param, StdParam):
+        return std_param
+    if std_param not in STD_FORMS:
+        raise ValueError(f"std_param must be one of {STD_PARAMS}, got {std_param!r}")
+    return STD_FORMS[std_param]
+
+
+def _check_std_param(std_param: str | StdParam) -> None:
+    std_form(std_param)
+
+
+def std_variance(m: Tensor, floor: float, std_param: str | StdParam) -> Tensor:
+    """sigma^2 for the pre-activation ``m = s * B A`` (dense, elementwise)."""
+    return std_form(std_param).variance(m, floor)
+
+
+def std_dense(m: Tensor, floor: float, std_param: str | StdParam) -> Tensor:
+    """sigma for the pre-activation ``m = s * B A`` (dense, elementwise)."""
+    return std_form(std_param).std(m, floor)
+
+
+def _variance_inplace(
+    m: Tensor,
+    floor: float,
+    std_param: str | StdParam,
+    half_slope_out: Tensor | None,
+    log_out: Tensor | None,
+) -> Tensor | None:
+    return std_form(std_param).variance_inplace(m, floor, half_slope_out, log_out)
 
 
 def _sum64(chunk: Tensor) -> Tensor:
@@ -298,7 +368,7 @@ def kl_diag_gaussians(
     dKL/dsig_p^2 = (1 - (sig_q^2 + (mu_q - mu_p)^2) / sig_p^2) / (2 sig_p^2).
     Returns a float64 scalar.
     """
-    _check_std_param(std_param)
+    form = std_form(std_param)
     out_dim, in_dim = q_mean[1].shape[0], q_mean[0].shape[1]
     # factors: 0 qa_mu, 1 qb_mu, 2 qa_sd, 3 qb_sd, 4 pa_mu, 5 pb_mu, 6 pa_sd, 7 pb_sd
     products = (
@@ -311,9 +381,9 @@ def kl_diag_gaussians(
         diff, var_q, var_p = dense  # scratch chunks, overwritten step by step below
         slope_q = scratch(3) if need[1] else None
         slope_p = scratch(4) if need[2] else None
-        _variance_inplace(var_q, floor, std_param, slope_q, None)
-        _variance_inplace(var_p, floor, std_param, slope_p, None)
-        if std_param == "affine":
+        form.variance_inplace(var_q, floor, slope_q, None)
+        form.variance_inplace(var_p, floor, slope_p, None)
+        if form.can_reach_zero:
             _require_nonzero_variance(var_q, "kl (local sigma)", layer, row0)
             _require_nonzero_variance(var_p, "kl (global sigma)", layer, row0)
         # log(sig_p^2 / sig_q^2) in one pass: no cancellation between two large sums of logs
@@ -372,7 +442,7 @@ def neg_log_prior(
     Computed in float64, row-chunked, gradients in closed form
     (d/dmu = mu / v, d/dsig^2 = (a0 - 1) / sig^2 - b0 / sig^4). Returns a float64 scalar.
     """
-    _check_std_param(std_param)
+    form = std_form(std_param)
     if not prior_mu_var > 0:
         raise ValueError(f"prior_mu_var must be > 0, got {prior_mu_var}")
     if not (a0 > 0 and b0 > 0):
@@ -386,8 +456,8 @@ def neg_log_prior(
         slope = scratch(2) if need[1] else None
         # the Gamma term's (a0 - 1) sum(log sig^2) vanishes for v1's a0 = 1: skip the logs
         log_scratch = scratch(3) if a0 != 1.0 else None
-        log_sum = _variance_inplace(var, floor, std_param, slope, log_scratch)
-        if std_param == "affine":
+        log_sum = form.variance_inplace(var, floor, slope, log_scratch)
+        if form.can_reach_zero:
             _require_nonzero_variance(var, "prior (global sigma)", layer, row0)
         inv = var.reciprocal_()
         # -(a0 - 1) log tau = (a0 - 1) log sig^2 ; b0 tau = b0 / sig^2
@@ -456,14 +526,14 @@ def output_variance(
     ``affine`` adds 2 c s B (A x^2) + c^2 sum_j x_j^2. ``exp`` has no low-rank
     form and is computed densely, ``chunk_rows`` output rows at a time.
     """
-    _check_std_param(std_param)
+    form = std_form(std_param)
     sum_x2 = x2.sum(dim=-1, keepdim=True)
-    if std_param == "exp":
+    if not form.low_rank_variance:  # dense, chunk by chunk
         rows_per_chunk = chunk_rows or chunk_rows_for(a.shape[1])
         parts = []
         for start in range(0, b.shape[0], rows_per_chunk):
             m = scale * (b[start : start + rows_per_chunk] @ a)
-            parts.append(x2 @ std_variance(m, floor, std_param).transpose(0, 1))
+            parts.append(x2 @ form.variance(m, floor).transpose(0, 1))
         return torch.cat(parts, dim=-1)
     first, second, pair_weight = _symmetric_pairs(a.shape[0], a.device)
     kr_a = a[first] * a[second]  # (P, d_in)
@@ -471,9 +541,8 @@ def output_variance(
     quad = (x2 @ kr_a.transpose(0, 1)) @ kr_b.transpose(0, 1)
     # (s B A)^2 x^2 >= 0 exactly; rounding can push it a hair below zero.
     var = (scale * scale) * quad.clamp_min(0.0) + (floor * floor) * sum_x2
-    if std_param == "affine":
-        var = var + (2.0 * floor * scale) * ((x2 @ a.transpose(0, 1)) @ b.transpose(0, 1))
-    return var
+    extra = form.output_variance_extra(x2, a, b, scale, floor)
+    return var if extra is None else var + extra
 
 
 def _normal(shape, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,37 @@ from torchtune.modules.peft.lora import _lora_a_init_params, _lora_b_init_params
 
 from abmll_tune.modules import gaussian
 
-ADAPTER_MODES = ("local_sample", "local_mean", "global_mean", "global_sample")
+
+class AdapterMode(str, Enum):
+    """Which weights a forward uses: a (scope, sample-or-mean) pair, parsed once."""
+
+    LOCAL_SAMPLE = "local_sample"  # a sample of q(phi | D_i): ABMLL's training forward
+    LOCAL_MEAN = "local_mean"  # W0 + mu_phi: Reptile's inner loop, adapted scoring
+    GLOBAL_MEAN = "global_mean"  # W0 + mu_theta: the LoRA baselines, the exported adapter
+    GLOBAL_SAMPLE = "global_sample"  # a sample of p(phi | theta): inspecting the prior
+
+    @property
+    def scope(self) -> str:
+        return "local" if self in (AdapterMode.LOCAL_SAMPLE, AdapterMode.LOCAL_MEAN) else "global"
+
+    @property
+    def sample(self) -> bool:
+        return self in (AdapterMode.LOCAL_SAMPLE, AdapterMode.GLOBAL_SAMPLE)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ADAPTER_MODES = tuple(m.value for m in AdapterMode)
+
+
+def _adapter_mode(mode: str | AdapterMode) -> AdapterMode:
+    try:
+        return AdapterMode(mode)
+    except ValueError:
+        raise ValueError(f"mode must be one of {ADAPTER_MODES}, got {mode!r}") from None
+
+
 SAMPLING = ("local", "weight", "mean")
 SCOPES = ("global", "local")
 KINDS = ("mean", "std")
@@ -105,7 +136,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             raise ValueError(f"kl_dtype must be one of {tuple(KL_DTYPES)}, got {kl_dtype!r}")
         if rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank}")
-        gaussian._check_std_param(std_param)
+        gaussian.std_form(std_param)
         if sampling not in SAMPLING:
             raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
         if not variational and sampling != "mean":
@@ -127,7 +158,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         self.chunk_elements = chunk_elements
         self.kl_dtype = kl_dtype
         self._quantize_base = quantize_base
-        self.mode = "local_sample" if variational else "local_mean"
+        self.mode = AdapterMode.LOCAL_SAMPLE if variational else AdapterMode.LOCAL_MEAN
         self.disabled = False  # honoured by torchtune.modules.peft.disable_adapter
         self.layer_name = f"VariationalLoRALinear({in_dim}->{out_dim})"  # set by builders
         self._weight_var_cache: tuple | None = None
@@ -248,6 +279,15 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             f"sigma_floor={self.sigma_floor:.3g}, variational={self.variational}, mode={self.mode}"
         )
 
+    @property
+    def mode(self) -> AdapterMode:
+        """The :class:`AdapterMode` of the next forward (a string name is accepted)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str | AdapterMode) -> None:
+        self._mode = _adapter_mode(value)
+
     # ----------------------------------------------------------------- forward
 
     def forward(self, x: Tensor) -> Tensor:
@@ -262,14 +302,12 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             out = F.linear(x, self.weight, self.bias)
         if self.disabled:
             return out
-        if self.mode not in ADAPTER_MODES:
-            raise ValueError(f"mode must be one of {ADAPTER_MODES}, got {self.mode!r}")
-        scope, what = self.mode.split("_")
+        mode = self._mode
         x_adapter = self.dropout(x)
-        a_mu, b_mu = self.pair(scope, "mean")
+        a_mu, b_mu = self.pair(mode.scope, "mean")
         out = out + self.scale * F.linear(F.linear(x_adapter, a_mu), b_mu)
-        if what == "sample" and self.variational and self.sampling != "mean":
-            a_sd, b_sd = self.pair(scope, "std")
+        if mode.sample and self.variational and self.sampling != "mean":
+            a_sd, b_sd = self.pair(mode.scope, "std")
             noise_fn = (
                 gaussian.local_reparam_noise
                 if self.sampling == "local"
@@ -414,9 +452,24 @@ def _name(scope: str, kind: str, ab: str) -> str:
 # ------------------------------------------------------------------------------------
 
 
+# Wrappers that insert a module level without changing the state dict's keys (torch's
+# activation-checkpoint wrapper removes its prefix in a state-dict hook; compile's too).
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """``name`` as the model's state dict spells it (wrapper levels removed)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def variational_lora_layers(model: nn.Module) -> dict[str, VariationalLoRALinear]:
-    """Every ``VariationalLoRALinear`` of ``model`` by qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, VariationalLoRALinear)}
+    """Every ``VariationalLoRALinear`` of ``model`` by qualified name, as the state dict
+    names it (activation checkpointing and compile wrappers do not change the names)."""
+    return {
+        clean_name(n): m for n, m in model.named_modules() if isinstance(m, VariationalLoRALinear)
+    }
 
 
 def _layers_or_raise(model: nn.Module) -> dict[str, VariationalLoRALinear]:
@@ -428,16 +481,15 @@ def _layers_or_raise(model: nn.Module) -> dict[str, VariationalLoRALinear]:
     return layers
 
 
-def set_adapter_mode(model: nn.Module, mode: str) -> None:
-    """Set ``mode`` (one of ``ADAPTER_MODES``) on every variational layer."""
-    if mode not in ADAPTER_MODES:
-        raise ValueError(f"mode must be one of {ADAPTER_MODES}, got {mode!r}")
+def set_adapter_mode(model: nn.Module, mode: str | AdapterMode) -> None:
+    """Set ``mode`` (an :class:`AdapterMode` or its name) on every variational layer."""
+    mode = _adapter_mode(mode)
     for layer in _layers_or_raise(model).values():
         layer.mode = mode
 
 
 @contextmanager
-def adapter_mode(model: nn.Module, mode: str) -> Iterator[None]:
+def adapter_mode(model: nn.Module, mode: str | AdapterMode) -> Iterator[None]:
     """Temporarily set every variational layer's ``mode``; restores each layer's own."""
     layers = _layers_or_raise(model)
     before = {name: layer.mode for name, layer in layers.items()}
@@ -537,3 +589,26 @@ def sigma_summary(model: nn.Module, scope: str = "global") -> dict[str, float]:
     if count == 0:
         raise ValueError("the model has no std pairs (variational=False)")
     return {"mean": total / count, "min": low, "max": high}
+
+
+@torch.no_grad()
+def pinned_share(layer: VariationalLoRALinear, beta: float, scope: str = "global") -> float:
+    """Share of the layer's weight entries whose KL stiffness beta / sigma^2 exceeds 1.
+
+    beta KL pulls every entry of the local mean toward the global one with the force
+    beta (mu_q - mu_p) / sigma_p^2: the stiffness beta / sigma_p^2 is the curvature the
+    KL adds to that entry. Where it exceeds 1 (far above the NLL's per-entry curvature),
+    the inner loop cannot move the entry away from the global mean: it is pinned.
+    ``docs/method.md`` ("Leaving the stationary point") uses this to choose
+    ``std_b_init_std``.
+    """
+    if not layer.variational:
+        raise ValueError("pinned_share needs the std pairs (variational=True)")
+    a, b = layer.pair(scope, "std")
+    rows = gaussian.chunk_rows_for(layer.in_dim, layer.chunk_elements)
+    pinned = 0
+    for start in range(0, b.shape[0], rows):
+        m = layer.scale * (b[start : start + rows].double() @ a.double())
+        var = gaussian.std_variance(m, layer.sigma_floor, layer.std_param)
+        pinned += int((var < beta).sum())  # beta / sigma^2 > 1
+    return pinned / (layer.out_dim * layer.in_dim)

@@ -1,6 +1,6 @@
 """Tiny backbones the project creates itself (no download): tests and the CPU demo.
 
-``python -m abmll_tune.models.tiny --out DIR`` writes a randomly initialised tiny
+``python -m abmll_tune.embedded.backbone --out DIR`` writes a randomly initialised tiny
 Llama3 (or Qwen2) as an HF-format checkpoint that torchtune's
 ``FullModelHFCheckpointer`` loads like a real model.
 """
@@ -31,7 +31,7 @@ TINY_LLAMA3 = dict(
 # Same size with Qwen2's biases on q/k/v.
 TINY_QWEN2 = dict(TINY_LLAMA3)
 # The backbone of the embedded suite: its tokenizer's vocabulary (768, see
-# abmll_tune.data.embedded.MODEL_VOCAB) and room for MetaICL prompts.
+# abmll_tune.embedded.suite.MODEL_VOCAB) and room for MetaICL prompts.
 TINY_EMBEDDED = dict(TINY_LLAMA3, vocab_size=768, max_seq_len=256)
 
 FAMILIES = {"llama3": ("LLAMA3", llama3, TINY_LLAMA3), "qwen2": ("QWEN2", qwen2, TINY_QWEN2)}
@@ -59,13 +59,13 @@ def write_tiny_checkpoint(
     **overrides,
 ) -> Path:
     """Build a tiny base model (pre-trained for ``pretrain_steps`` on the embedded suite's
-    language with ``tokenizer``, see :mod:`abmll_tune.models.pretrain`) and write it as an
+    language with ``tokenizer``, see :mod:`abmll_tune.embedded.pretrain`) and write it as an
     HF checkpoint directory; returns it."""
     model_type, _, arch = FAMILIES[family]
     arch = {**arch, **overrides}
     model = build_tiny_base(family, seed, **overrides)
     if pretrain_steps:
-        from abmll_tune.models.pretrain import pretrain
+        from abmll_tune.embedded.pretrain import pretrain
 
         if tokenizer is None:
             raise ValueError("pre-training needs the embedded suite's tokenizer")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.pretrain_steps:
         if not args.tokenizer_dir:
             parser.error("--pretrain-steps needs --tokenizer-dir (the embedded suite's tokenizer/)")
-        from abmll_tune.data.embedded import llama3_tokenizer
+        from abmll_tune.embedded.suite import llama3_tokenizer
 
         tokenizer = llama3_tokenizer(args.tokenizer_dir)
     if Path(args.out).exists() and not args.overwrite:

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torchtune.modules import TransformerDecoder
 
-from abmll_tune.data.embedded import Lexicon, make_lexicon, make_task
 from abmll_tune.data.prompt import LETTERS, render_prompt
+from abmll_tune.embedded.suite import Lexicon, make_lexicon, make_task
 
 
 def _concept_sentence(lexicon: Lexicon, rng: random.Random) -> str:

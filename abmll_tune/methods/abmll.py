@@ -1,0 +1,176 @@
+"""ABMLL: Amortized Bayesian Meta-Learning for LoRA (Zhang, Snell & Griffiths,
+arXiv 2508.14285).
+
+Four LoRA pairs per adapted layer (:class:`abmll_tune.modules.VariationalLoRALinear`):
+a global Gaussian p(phi | theta) = N(W0 + mu_theta, sigma_theta^2) and a task Gaussian
+q(phi | D_i) = N(W0 + mu_phi, sigma_phi^2). Per task visit:
+
+1. ``begin_task``: phi <- theta (mean and std pairs);
+2. K inner steps on the tempered ELBO's local part (Eq. 2)::
+
+       L_inner = NLL(batch | phi ~ q) + beta * KL(q(phi | D_i) || p(phi | theta)),
+
+   the NLL averaged over ``train_samples`` posterior samples, only phi trained;
+3. the outer step (Algorithm 1's body is missing from the paper; ``docs/method.md``
+   gives the three readings), each ending in one outer optimizer step on the global
+   pairs with ``beta * KL + gamma * (-log p(theta))`` among its gradients:
+
+   * ``reptile`` (default): theta moves by eps (phi - theta), mean and std pairs with
+     their own eps, then the optimizer step on the regularizers for the std pairs only;
+   * ``first_order``: on one more (query) batch, theta gets the gradient of the query
+     NLL with respect to phi (first-order, d phi / d theta = I) plus the exact
+     regularizer gradients;
+   * ``kl_only``: the literal reading, the regularizer gradients alone.
+
+The KL and prior themselves are :mod:`abmll_tune.modules.gaussian` (low-rank, row
+chunked, closed-form gradients); :mod:`abmll_tune.objectives` weighs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from abmll_tune.methods.base import TaskAdaptiveMethod
+from abmll_tune.modules import (
+    AdapterMode,
+    adapter_param_groups,
+    adapter_params_by_group,
+    set_adapter_mode,
+    set_trainable_scope,
+    sigma_summary,
+)
+from abmll_tune.objectives import ELBOWeights, beta_kl, gamma_prior
+from abmll_tune.settings import setting
+
+
+@dataclass(frozen=True)
+class ABMLL(TaskAdaptiveMethod):
+    """Bayesian meta-learning of LoRA adapters through a tempered ELBO (Eq. 2)."""
+
+    name: ClassVar[str] = "abmll"
+    variational: ClassVar[bool] = True
+    train_mode: ClassVar[AdapterMode] = AdapterMode.LOCAL_SAMPLE
+    default_variant: ClassVar[str] = "s1"  # one posterior sample, the paper's S = 1
+
+    inner_lr_std: float = setting(1e-4, doc="inner learning rate of the std pairs", minimum=0)
+    outer_grad: str = setting(
+        "reptile",
+        doc="the outer step's reading (docs/method.md)",
+        choices=("reptile", "first_order", "kl_only"),
+    )
+    outer_step_mean: float = setting(0.1, doc="eps of the mean pairs' interpolation", minimum=0)
+    outer_step_std: float = setting(0.1, doc="eps of the std pairs' interpolation", minimum=0)
+    outer_lr_mean: float = setting(1e-4, doc="outer optimizer, mean pairs", minimum=0)
+    outer_lr_std: float = setting(1e-4, doc="outer optimizer, std pairs", minimum=0)
+    beta: float = setting(5e-10, doc="temperature of the local KL (v1: 5e-10)", minimum=0)
+    gamma: float = setting(1e-6, doc="temperature of the global prior (v1: 1e-6)", minimum=0)
+    prior_mu_var: str | float = setting(
+        "pretrained",
+        doc="variance v of N(mu_theta; 0, v): `pretrained` (the frozen W0's), "
+        "`sigma_floor` (c, literal) or a number",
+    )
+    a0: float = setting(1.0, doc="Gamma hyperprior shape on 1 / sigma_theta^2", minimum=0)
+    b0: float = setting(0.01, doc="Gamma hyperprior rate", minimum=0)
+    std_grad_clamp: float | None = setting(
+        None, doc="clamp the std pairs' gradients to [-c, c] (null: off)", minimum=0
+    )
+    train_samples: int = setting(
+        1, doc="posterior samples averaged per training forward", minimum=1
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.prior_mu_var, str) and self.prior_mu_var not in (
+            "pretrained",
+            "sigma_floor",
+        ):
+            raise ValueError(
+                f"prior_mu_var: {self.prior_mu_var!r} must be 'pretrained', 'sigma_floor' or a number"
+            )
+
+    @property
+    def elbo(self) -> ELBOWeights:
+        return ELBOWeights(
+            beta=self.beta, gamma=self.gamma, prior_mu_var=self.prior_mu_var, a0=self.a0, b0=self.b0
+        )
+
+    @property
+    def uses_query_batch(self) -> bool:
+        return self.outer_grad == "first_order"
+
+    @property
+    def needs_outer_optimizer(self) -> bool:
+        return True
+
+    def inner_lrs(self):
+        return self.inner_lr_mean, self.inner_lr_std
+
+    def outer_param_groups(self, model):
+        groups = adapter_param_groups(model, "global", self.outer_lr_mean, self.outer_lr_std)
+        if self.outer_grad == "reptile":  # the means move by interpolation
+            groups = [g for g in groups if g["name"] == "global_std"]
+        return groups
+
+    # ------------------------------------------------------------------ one visit
+
+    def nll(self, model, batch, loss_fn):
+        n = self.train_samples
+        return sum(super(ABMLL, self).nll(model, batch, loss_fn) for _ in range(n)) / n
+
+    def inner_loss(self, model, batch, loss_fn):
+        nll = self.nll(model, batch, loss_fn)
+        kl_term = beta_kl(model, self.elbo)
+        return nll + kl_term, nll, {"beta_kl": float(kl_term.detach())}
+
+    def clip_grads(self, model, scope):
+        if self.std_grad_clamp is None:
+            return
+        c = self.std_grad_clamp
+        for p in adapter_params_by_group(model, scope, "std").values():
+            if p.grad is not None:
+                p.grad.clamp_(-c, c)
+
+    def outer_step(self, learner, query):
+        model, metrics = learner.model, {}
+        if self.outer_grad == "reptile":
+            learner.interpolate(self.outer_step_mean, self.outer_step_std, ("mean", "std"))
+            set_trainable_scope(model, "global")
+            for p in adapter_params_by_group(model, "global", "mean").values():
+                p.requires_grad_(False)  # means moved by interpolation; this step is for sigma
+        else:
+            set_trainable_scope(model, "global")
+        if self.outer_grad == "first_order":
+            set_trainable_scope(model, "local")
+            set_adapter_mode(model, AdapterMode.LOCAL_SAMPLE)
+            locals_ = [phi for _, phi in learner.pairs]
+            n, query_nll = len(query), 0.0
+            for batch in query:
+                nll = self.nll(model, batch, learner.loss_fn) / n
+                grads = torch.autograd.grad(nll, locals_)
+                for (theta, _), g in zip(learner.pairs, grads, strict=True):
+                    theta.grad = g if theta.grad is None else theta.grad + g
+                query_nll += float(nll.detach())
+            metrics["query_nll"] = query_nll
+            set_trainable_scope(model, "global")
+        reg_kl = beta_kl(model, self.elbo)
+        reg_prior = gamma_prior(model, self.elbo)
+        (reg_kl + reg_prior).backward()
+        metrics["outer_beta_kl"] = float(reg_kl.detach())
+        metrics["gamma_prior"] = float(reg_prior.detach())
+        learner.outer_optimizer_step()
+        set_trainable_scope(model, learner.scope)
+        return metrics
+
+    # ------------------------------------------------------------------ around the loop
+
+    def eval_variants(self, samples):
+        return [(f"s{s}", AdapterMode.LOCAL_SAMPLE, s) for s in samples] + [
+            ("mean", AdapterMode.LOCAL_MEAN, 1)
+        ]
+
+    def log_metrics(self, model):
+        sigma = sigma_summary(model, "global")  # how far sigma_theta moved from its floor c
+        return {"sigma_theta/mean": sigma["mean"], "sigma_theta/max": sigma["max"]}

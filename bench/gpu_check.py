@@ -1,0 +1,534 @@
+"""The project's GPU check: one command, prepared to run unchanged the first time a GPU is lent.
+
+    python bench/gpu_check.py --out bench_results/gpu_check.json          (or: make gpu-check)
+    python bench/gpu_check.py --cpu-smoke --out /tmp/gpu_check.json        (tiny, CPU; in the tests)
+
+Three parts, each timed against the budget (``--budget-s``, default 480 s = 8 minutes),
+one JSON file and a short table at the end:
+
+1. ``paper_step``: a Llama3-8B-shaped model with random weights (built on the meta
+   device, materialised on the GPU, no download), bf16, the paper config's settings
+   (batch 2 x 512 tokens, activation checkpointing, rank 8 / alpha 16 on q, v and output
+   projections): peak memory and step time of torchtune's own LoRA model
+   (``lora_llama3``) against ABMLL's inner step, its heaviest outer step
+   (``first_order``: query-NLL gradients plus beta KL and gamma prior for all four
+   pairs) and a whole task visit (K = 5 inner steps and the default outer step),
+   measured alternating, as ratios. The paper reports 25.6 GB vs 23.8 GB (+7.6%); the
+   targets are at most +3% memory and 1.2x time.
+2. ``recipes``: the real recipes on the device: a short meta-training of the tiny
+   embedded config (``device``, ``dtype: bf16`` on a GPU), stopped and resumed, then
+   few-shot evaluation of its checkpoint: finite losses, a checkpoint written, resume
+   continuing it.
+3. ``methods``: if the SmolLM2 checkpoint and the cls45 data are present (``make
+   smollm2``; README "Real model on a laptop"), ABMLL, Reptile and Regular LoRA
+   meta-trained on cls45 for as many task visits as the remaining budget allows, then
+   evaluated few-shot on the test tasks with 3 seeds. Skipped (and said so) otherwise.
+
+``--cpu-smoke`` runs all of it on the CPU with tiny shapes (a 2-layer model for part 1,
+the embedded suite for parts 2 and 3), so that the script cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = ["q_proj", "v_proj", "output_proj"]
+LLAMA3_8B = dict(
+    vocab_size=128_256,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    embed_dim=4096,
+    intermediate_dim=14_336,
+    max_seq_len=8192,
+    rope_base=500_000,
+)
+TINY = dict(
+    vocab_size=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=64,
+    intermediate_dim=256,
+    max_seq_len=64,
+    rope_base=500_000,
+)
+PAPER = dict(beta=5e-10, gamma=1e-6, inner_lr_mean=5e-5, inner_lr_std=1e-5)
+PAPER.update(outer_lr_mean=1e-5, outer_lr_std=1e-6, std_grad_clamp=1.0)
+
+
+# ----------------------------------------------------------------------- part 1
+
+
+def _materialise(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Meta-device model -> random weights on ``device`` (no download, no CPU copy)."""
+    from abmll_tune.modules import variational_lora_layers
+
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                continue
+            if p.dim() == 1:
+                p.fill_(1.0)  # norms
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    for module in model.modules():
+        if hasattr(module, "rope_init"):
+            module.rope_init()
+        if hasattr(module, "initialize_parameters") and "lora" in type(module).__name__.lower():
+            module.initialize_parameters()  # torchtune's LoRALinear
+    for layer in variational_lora_layers(model).values():
+        layer.initialize_parameters()
+    model.to(dtype=dtype)
+
+
+def _build(kind: str, shape: dict, device, dtype, activation_checkpointing: bool):
+    from torchtune import modules, training
+    from torchtune.models.llama3 import lora_llama3
+
+    from abmll_tune.models import abmll_llama3
+
+    with torch.device("meta"):
+        if kind == "lora":
+            model = lora_llama3(TARGETS, lora_rank=8, lora_alpha=16, **shape)
+        else:  # the flagship config's std init (docs/method.md, "Leaving the stationary point")
+            model = abmll_llama3(
+                TARGETS,
+                lora_rank=8,
+                lora_alpha=16,
+                std_b_init_std=1e-2,
+                kl_dtype="float32",
+                **shape,
+            )
+    _materialise(model, device, dtype)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    if activation_checkpointing:
+        training.set_activation_checkpointing(
+            model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+        )
+    return model
+
+
+def _batch(shape: dict, batch: int, tokens: int, device) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, shape["vocab_size"], (batch, tokens), generator=gen)
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = ids[:, -1]
+    return {
+        "tokens": ids.to(device),
+        "labels": labels.to(device),
+        "answer_positions": torch.full((batch,), tokens - 2, dtype=torch.long).to(device),
+    }
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_bytes(device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _steppers(kind: str, model, batch: dict, inner_steps: int):
+    """name -> a function running one step of that kind on ``model``."""
+    from abmll_tune.data.loader import TaskVisit
+    from abmll_tune.meta import MetaLearner
+    from abmll_tune.methods import ABMLL
+    from abmll_tune.objectives import answer_nll
+
+    adamw = lambda groups: torch.optim.AdamW(groups, weight_decay=0.0)  # noqa: E731
+    if kind == "lora":
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
+
+        def lora_step():
+            answer_nll(model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return {"lora_step": lora_step}
+    inner = MetaLearner(model, ABMLL(**PAPER), adamw, adamw, inner_steps=inner_steps)
+    first_order = MetaLearner(
+        model, ABMLL(**PAPER, outer_grad="first_order"), adamw, adamw, inner_steps=1
+    )
+    visit = TaskVisit(0, 0, "gpu-check", [batch] * inner_steps)
+    return {
+        "abmll_inner_step": lambda: inner.inner_step([batch]),
+        "abmll_first_order_outer_step": lambda: first_order.outer_step([batch]),
+        "abmll_task_visit": lambda: inner.train_task(visit),
+    }
+
+
+def paper_step(device, dtype, shape: dict, tokens: int, repeats: int, inner_steps: int) -> dict:
+    """Part 1: memory (each model alone) and time (alternating) of LoRA vs ABMLL steps."""
+    batch = _batch(shape, 2, tokens, device)
+    out: dict = {"shape": shape, "batch": [2, tokens], "dtype": str(dtype), "device": str(device)}
+    memory = {}
+    for kind in ("lora", "abmll"):  # memory: one model at a time, as a run would hold it
+        model = _build(kind, shape, device, dtype, activation_checkpointing=True)
+        steps = _steppers(kind, model, batch, inner_steps)
+        for name, step in steps.items():
+            step()  # warm-up: optimizer states exist, kernels compiled
+            _sync(device)
+            _reset_peak(device)
+            step()
+            _sync(device)
+            memory[name] = _peak_bytes(device)
+        del model, steps
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["peak_memory_gib"] = {k: None if v is None else v / 2**30 for k, v in memory.items()}
+    if memory["lora_step"]:
+        out["memory_ratio"] = {
+            k: v / memory["lora_step"] for k, v in memory.items() if k != "lora_step"
+        }
+    models = {k: _build(k, shape, device, dtype, True) for k in ("lora", "abmll")}
+    steps = {**_steppers("lora", models["lora"], batch, inner_steps)}
+    steps.update(_steppers("abmll", models["abmll"], batch, inner_steps))
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):  # alternating: drift hits every variant alike
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    median = {k: statistics.median(v[1:] if len(v) > 2 else v) for k, v in times.items()}
+    out["seconds"] = median
+    lora = median["lora_step"]
+    out["time_ratio"] = {
+        "inner_step": median["abmll_inner_step"] / lora,
+        "first_order_outer_step": median["abmll_first_order_outer_step"] / lora,
+        "task_visit_per_step": median["abmll_task_visit"] / (inner_steps * lora),
+    }
+    return out
+
+
+# ----------------------------------------------------------------------- parts 2 and 3
+
+
+def _tune(recipe: str, config: str, overrides: list[str], log: Path) -> tuple[int, float]:
+    from abmll_tune.sweep import recipe_module
+
+    tune = shutil.which("tune", path=str(Path(sys.executable).parent)) or "tune"
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": ""}
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        cmd = [tune, "run", recipe_module(recipe), "--config", config, *overrides]
+        f.write("+ " + " ".join(cmd) + "\n")
+        f.flush()
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    return code, time.perf_counter() - start
+
+
+def _embedded(work: Path) -> list[str]:
+    """The embedded suite, its split and a briefly pre-trained tiny backbone under ``work``."""
+    from abmll_tune.data.build import BuildOptions, build_split
+    from abmll_tune.embedded.backbone import write_tiny_checkpoint
+    from abmll_tune.embedded.suite import generate_suite, llama3_tokenizer
+
+    generate_suite(work / "src")
+    build_split("embedded", work / "src", work / "split", BuildOptions())
+    tok = work / "src" / "tokenizer"
+    write_tiny_checkpoint(
+        work / "backbone",
+        vocab_size=768,
+        max_seq_len=256,
+        pretrain_steps=200,
+        tokenizer=llama3_tokenizer(tok),
+    )
+    return [
+        f"tokenizer.path={tok / 'tokenizer.model'}",
+        f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",
+        f"checkpointer.checkpoint_dir={work / 'backbone'}",
+        f"data.path={work / 'split'}",
+    ]
+
+
+def _finite_nll(run: Path) -> bool:
+    import re
+
+    text = "".join(p.read_text() for p in (run / "logs").glob("*.txt"))
+    values = [float(v) for v in re.findall(r"(?:^|\s)nll:(\S+)", text)]
+    return bool(values) and all(v == v and abs(v) < 1e6 for v in values)
+
+
+def recipes_on_device(device: str, dtype: str, work: Path, common: list[str], log: Path) -> dict:
+    """Part 2: meta-train, stop, resume, evaluate: the real recipes on ``device``."""
+    run = work / "recipe_run"
+    train = [f"output_dir={run}", f"device={device}", f"dtype={dtype}", "epochs=1"]
+    train += ["validation.max_tasks=2", "save_every_n_visits=2", *common]
+    first, t1 = _tune(
+        "abmll_meta_single_device",
+        "configs/tiny_cpu_abmll.yaml",
+        [*train, "stop_after_visits=4"],
+        log,
+    )
+    latest = run / "checkpoints" / "latest"
+    written = (latest / "adapters.safetensors").is_file()
+    meta = json.loads((latest / "meta.json").read_text()) if written else {}
+    resumed, t2 = _tune(
+        "abmll_meta_single_device",
+        "configs/tiny_cpu_abmll.yaml",
+        [*train, "stop_after_visits=8", "resume_from_checkpoint=true"],
+        log,
+    )
+    after = json.loads((latest / "meta.json").read_text()) if written else {}
+    evaluated, t3 = _tune(
+        "evaluate_few_shot",
+        "configs/tiny_cpu_eval.yaml",
+        [
+            f"output_dir={work / 'recipe_eval'}",
+            f"adapter_checkpoint={latest}",
+            f"device={device}",
+            f"dtype={dtype}",
+            "evaluation.seeds=[100]",
+            "evaluation.max_tasks=2",
+            *common,
+        ],
+        log,
+    )
+    results = work / "recipe_eval" / "results.json"
+    ok = (
+        first == 0
+        and resumed == 0
+        and evaluated == 0
+        and written
+        and _finite_nll(run)
+        and meta.get("progress", {}).get("visits") == 4
+        and after.get("progress", {}).get("visits") == 8
+        and results.is_file()
+    )
+    accuracy = None
+    if results.is_file():
+        metrics = json.loads(results.read_text())["metrics"]
+        accuracy = next(iter(metrics.values()))["summary"]["accuracy"]["mean"]
+    return {
+        "ok": ok,
+        "exit_codes": [first, resumed, evaluated],
+        "seconds": [t1, t2, t3],
+        "checkpoint_visits": [
+            meta.get("progress", {}).get("visits"),
+            after.get("progress", {}).get("visits"),
+        ],
+        "eval_accuracy": accuracy,
+    }
+
+
+METHOD_CONFIGS = {"abmll": "", "reptile": "_reptile", "lora": "_lora"}
+
+
+def method_comparison(
+    device: str,
+    dtype: str,
+    prefix: str,
+    common: list[str],
+    work: Path,
+    log: Path,
+    deadline: float,
+    seeds: list[int],
+    visits: int,
+    eval_tasks: int | None,
+) -> dict:
+    """Part 3: ABMLL, Reptile, Regular LoRA, ``seeds`` each, as far as the deadline allows."""
+    rows, skipped = [], []
+    for seed in seeds:
+        for method, suffix in METHOD_CONFIGS.items():
+            if time.perf_counter() > deadline:
+                skipped.append(f"{method} seed {seed}")
+                continue
+            run = work / f"{method}_seed{seed}"
+            config = f"configs/{prefix}{suffix}.yaml"
+            code, seconds = _tune(
+                "abmll_meta_single_device",
+                config,
+                [
+                    f"output_dir={run}",
+                    f"device={device}",
+                    f"dtype={dtype}",
+                    f"seed={seed}",
+                    "epochs=1",
+                    f"stop_after_visits={visits}",
+                    "~validation",
+                    *common,
+                ],
+                log,
+            )
+            row = {"method": method, "seed": seed, "train_exit": code, "train_seconds": seconds}
+            if code == 0:
+                evaluation = [
+                    f"output_dir={run / 'eval'}",
+                    f"adapter_checkpoint={run / 'checkpoints' / 'latest'}",
+                    f"device={device}",
+                    f"dtype={dtype}",
+                    "evaluation.seeds=[100,13,21]",
+                    "evaluation.samples=[1]",
+                    *common,
+                ]
+                if eval_tasks:
+                    evaluation.append(f"evaluation.max_tasks={eval_tasks}")
+                code, seconds = _tune(
+                    "evaluate_few_shot", f"configs/{prefix}_eval.yaml", evaluation, log
+                )
+                row.update(eval_exit=code, eval_seconds=seconds)
+                results = run / "eval" / "results.json"
+                if results.is_file():
+                    data = json.loads(results.read_text())
+                    summary = data["metrics"][f"{data['default_variant']}@0"]["summary"]
+                    row.update({m: summary[m]["mean"] for m in ("accuracy", "ece", "nll")})
+            rows.append(row)
+    return {"visits_per_run": visits, "runs": rows, "skipped": skipped}
+
+
+def _table(report: dict) -> str:
+    lines = []
+    step = report.get("paper_step")
+    if step:
+        lines.append(f"paper step ({step['device']}, {step['dtype']}, batch {step['batch']}):")
+        for name, seconds in step["seconds"].items():
+            gib = step["peak_memory_gib"].get(name)
+            mem = f"{gib:8.2f} GiB" if gib is not None else "      n/a"
+            lines.append(f"  {name:<30} {seconds * 1000:10.1f} ms {mem}")
+        lines.append(
+            "  time ratios to LoRA: "
+            + ", ".join(f"{k} {v:.3f}x" for k, v in step["time_ratio"].items())
+        )
+        if "memory_ratio" in step:
+            lines.append(
+                "  memory ratios to LoRA: "
+                + ", ".join(f"{k} {v:.3f}x" for k, v in step["memory_ratio"].items())
+            )
+    rec = report.get("recipes")
+    if rec:
+        lines.append(
+            f"recipes: {'ok' if rec['ok'] else 'FAILED'} (exit codes {rec['exit_codes']}, visits {rec['checkpoint_visits']}, eval accuracy {rec['eval_accuracy']})"
+        )
+    methods = report.get("methods")
+    if isinstance(methods, dict) and methods.get("runs"):
+        lines.append(f"methods ({methods['visits_per_run']} visits per run):")
+        for r in methods["runs"]:
+            acc = r.get("accuracy")
+            lines.append(
+                f"  {r['method']:<8} seed {r['seed']}: "
+                + (
+                    f"accuracy {acc:.3f}, ECE {r['ece']:.3f}, NLL {r['nll']:.3f}"
+                    if acc is not None
+                    else f"exit {r.get('train_exit')}/{r.get('eval_exit')}"
+                )
+            )
+        if methods["skipped"]:
+            lines.append(f"  skipped (budget): {', '.join(methods['skipped'])}")
+    elif methods:
+        lines.append(f"methods: {methods}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--budget-s", type=float, default=480.0)
+    parser.add_argument("--smollm2-dir", default="outputs/smollm2_135m_hf")
+    parser.add_argument("--cls45-dir", default="data/cls45_cpu")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        parser.exit(
+            2, "error: no CUDA device; run with --cpu-smoke to check the script on the CPU\n"
+        )
+    device = torch.device("cpu" if smoke else "cuda")
+    report: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "mode": "cpu-smoke" if smoke else "gpu",
+        "device_name": "cpu" if smoke else torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+    }
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    log = work / "recipes.log"
+    out = Path(args.out)
+    try:
+        report["paper_step"] = paper_step(
+            device,
+            torch.float32 if smoke else torch.bfloat16,
+            TINY if smoke else LLAMA3_8B,
+            tokens=32 if smoke else 512,
+            repeats=3 if smoke else 6,
+            inner_steps=2 if smoke else 5,
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        common = _embedded(work / "embedded")
+        dtype = "fp32" if smoke else "bf16"
+        report["recipes"] = recipes_on_device(device.type, dtype, work, common, log)
+        smollm2 = Path(args.smollm2_dir) / "model.safetensors"
+        cls45 = Path(args.cls45_dir) / "manifest.json"
+        if smoke:  # the same code path on the embedded suite
+            report["methods"] = method_comparison(
+                "cpu", "fp32", "tiny_cpu", common, work / "methods", log, deadline, [0], 2, 2
+            )
+        elif smollm2.is_file() and cls45.is_file():
+            remaining = deadline - time.perf_counter()
+            visits = max(4, int(remaining / 9 / 3))  # about 3 s per visit and evaluation share
+            smol = [f"data.path={Path(args.cls45_dir).resolve()}"]
+            report["methods"] = method_comparison(
+                "cuda",
+                "bf16",
+                "smollm2_135m_cls45",
+                smol,
+                work / "methods",
+                log,
+                deadline,
+                [0, 1, 2],
+                visits,
+                None,
+            )
+        else:
+            report["methods"] = (
+                f"skipped: {smollm2} or {cls45} missing (make smollm2; python -m abmll_tune.data "
+                "build --split cls45 ...)"
+            )
+    finally:
+        report["seconds"] = time.perf_counter() - start
+        if log.is_file():
+            report["recipes_log_tail"] = log.read_text()[-4000:]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+        tmp.replace(out)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(_table(report))
+    print(f"wrote {out} in {report['seconds']:.0f} s")
+    ok = report["recipes"]["ok"] and (
+        not isinstance(report["methods"], dict)
+        or all(r.get("eval_exit") == 0 for r in report["methods"]["runs"])
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
