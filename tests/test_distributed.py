@@ -290,6 +290,7 @@ def test_evaluation_spreads_tasks_over_two_processes_with_the_same_results(
         cmd += [
             f"adapter_checkpoint={trained / 'checkpoints' / 'latest'}",
             "evaluation.max_tasks=5",
+            "evaluation.samples=[1]",  # one posterior sample: the split over ranks is tested
         ]
         result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-4000:]

@@ -43,17 +43,26 @@ def _share(in_dim, out_dim, rank, alpha, floor, std_param, std_b_init_std, beta)
     return pinned_share(layer, beta)
 
 
-def _layer_shares(cfg) -> dict[str, float]:
+@functools.cache
+def _layer_keys(model_yaml: str) -> tuple:
+    """(target, in_dim, out_dim, rank, alpha, floor, std_param, std_b_init_std) of every
+    adapted layer the model section builds (on the meta device: no weights)."""
     with torch.device("meta"):
-        model = config.instantiate(cfg.model)
+        model = config.instantiate(OmegaConf.create(model_yaml))
+    keys = set()
+    for name, layer in variational_lora_layers(model).items():
+        keys.add(
+            (name.rsplit(".", 1)[-1], layer.in_dim, layer.out_dim, layer.rank, layer.alpha)
+            + (layer.sigma_floor, layer.std_param, layer.std_b_init_std)
+        )
+    return tuple(sorted(keys))
+
+
+def _layer_shares(cfg) -> dict[str, float]:
     method, problems = build_method(OmegaConf.to_container(cfg.method, resolve=True))
     assert not problems
-    shares = {}
-    for name, layer in variational_lora_layers(model).items():
-        key = (layer.in_dim, layer.out_dim, layer.rank, layer.alpha, layer.sigma_floor)
-        key += (layer.std_param, layer.std_b_init_std, method.beta)
-        shares[name.rsplit(".", 1)[-1]] = _share(*key)
-    return shares
+    keys = _layer_keys(OmegaConf.to_yaml(cfg.model))
+    return {key[0]: _share(*key[1:], method.beta) for key in keys}
 
 
 @pytest.mark.parametrize("path", _abmll_configs(), ids=lambda p: p.stem)
