@@ -148,9 +148,13 @@ class Method:
     def for_adaptation(self, lr_mean: float, lr_std: float) -> Method:
         """This method as few-shot evaluation adapts with it: the adaptation learning
         rates, a fresh inner optimizer per task, local pairs from the global ones."""
+        changes = {
+            "inner_lr_mean": lr_mean,
+            "inner_lr_std": lr_std,  # methods with std pairs only
+            "inner_optimizer_reset": "per_task",
+            "local_init": "global",  # meta-learned methods only
+        }
         names = {f.name for f in dataclasses.fields(self)}
-        changes = {"inner_lr_mean": lr_mean, "inner_optimizer_reset": "per_task"}
-        changes.update({k: v for k, v in (("inner_lr_std", lr_std), ("local_init", "global"))})
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if k in names})
 
     def log_metrics(self, model: nn.Module) -> dict[str, float]:
