@@ -99,14 +99,12 @@ def _build(kind: str, shape: dict, device, dtype, activation_checkpointing: bool
         if kind == "lora":
             model = lora_llama3(TARGETS, lora_rank=8, lora_alpha=16, **shape)
         else:  # the flagship config's std init (docs/method.md, "Leaving the stationary point")
-            model = abmll_llama3(
-                TARGETS,
-                lora_rank=8,
-                lora_alpha=16,
-                std_b_init_std=1e-2,
-                kl_dtype="float32",
-                **shape,
-            )
+            from bench_layer import PAPER_ADAPTERS
+
+            # "abmll": the default (auto: one compiled kernel per KL chunk on CUDA);
+            # "abmll_eager": the eager in-place kernel, for the before/after ratio
+            kernel = "eager" if kind == "abmll_eager" else "auto"
+            model = abmll_llama3(TARGETS, **PAPER_ADAPTERS, kl_kernel=kernel, **shape)
     _materialise(model, device, dtype)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -166,10 +164,11 @@ def _steppers(kind: str, model, batch: dict, inner_steps: int):
         model, ABMLL(**PAPER, outer_grad="first_order"), adamw, adamw, inner_steps=1
     )
     visit = TaskVisit(0, 0, "gpu-check", [batch] * inner_steps)
+    suffix = "_eager_kl" if kind == "abmll_eager" else ""
     return {
-        "abmll_inner_step": lambda: inner.inner_step([batch]),
-        "abmll_first_order_outer_step": lambda: first_order.outer_step([batch]),
-        "abmll_task_visit": lambda: inner.train_task(visit),
+        f"abmll_inner_step{suffix}": lambda: inner.inner_step([batch]),
+        f"abmll_first_order_outer_step{suffix}": lambda: first_order.outer_step([batch]),
+        f"abmll_task_visit{suffix}": lambda: inner.train_task(visit),
     }
 
 
@@ -178,7 +177,8 @@ def paper_step(device, dtype, shape: dict, tokens: int, repeats: int, inner_step
     batch = _batch(shape, 2, tokens, device)
     out: dict = {"shape": shape, "batch": [2, tokens], "dtype": str(dtype), "device": str(device)}
     memory = {}
-    for kind in ("lora", "abmll"):  # memory: one model at a time, as a run would hold it
+    kinds = ("lora", "abmll", "abmll_eager")
+    for kind in kinds:  # memory: one model at a time, as a run would hold it
         model = _build(kind, shape, device, dtype, activation_checkpointing=True)
         steps = _steppers(kind, model, batch, inner_steps)
         for name, step in steps.items():
@@ -196,9 +196,10 @@ def paper_step(device, dtype, shape: dict, tokens: int, repeats: int, inner_step
         out["memory_ratio"] = {
             k: v / memory["lora_step"] for k, v in memory.items() if k != "lora_step"
         }
-    models = {k: _build(k, shape, device, dtype, True) for k in ("lora", "abmll")}
-    steps = {**_steppers("lora", models["lora"], batch, inner_steps)}
-    steps.update(_steppers("abmll", models["abmll"], batch, inner_steps))
+    models = {k: _build(k, shape, device, dtype, True) for k in kinds}
+    steps = {}
+    for kind in kinds:
+        steps.update(_steppers(kind, models[kind], batch, inner_steps))
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(repeats):  # alternating: drift hits every variant alike
         for name, step in steps.items():
@@ -210,11 +211,17 @@ def paper_step(device, dtype, shape: dict, tokens: int, repeats: int, inner_step
     median = {k: statistics.median(v[1:] if len(v) > 2 else v) for k, v in times.items()}
     out["seconds"] = median
     lora = median["lora_step"]
-    out["time_ratio"] = {
-        "inner_step": median["abmll_inner_step"] / lora,
-        "first_order_outer_step": median["abmll_first_order_outer_step"] / lora,
-        "task_visit_per_step": median["abmll_task_visit"] / (inner_steps * lora),
-    }
+    out["time_ratio"] = {}
+    for suffix in ("", "_eager_kl"):
+        out["time_ratio"].update(
+            {
+                f"inner_step{suffix}": median[f"abmll_inner_step{suffix}"] / lora,
+                f"first_order_outer_step{suffix}": median[f"abmll_first_order_outer_step{suffix}"]
+                / lora,
+                f"task_visit_per_step{suffix}": median[f"abmll_task_visit{suffix}"]
+                / (inner_steps * lora),
+            }
+        )
     return out
 
 

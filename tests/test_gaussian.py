@@ -298,3 +298,80 @@ def test_float32_kl_against_float64_at_realistic_sigma():
     g64 = torch.autograd.grad(k64, leaves64)
     worst = max(float((a.double() - b).norm() / b.norm()) for a, b in zip(g32, g64, strict=True))
     assert worst < 0.1, worst
+
+
+# ----------------------------------------------------------------- compiled kernels
+
+
+def _dense_kl_and_prior(pairs, std_param, v, a0, b0):
+    """KL and -log prior by torch.distributions on dense float64 tensors (the reference)."""
+    q = Normal(dense_mu(pairs[0], SCALE), dense_sigma(pairs[1], SCALE, FLOOR, std_param))
+    p = Normal(dense_mu(pairs[2], SCALE), dense_sigma(pairs[3], SCALE, FLOOR, std_param))
+    mu, tau = p.loc, 1.0 / p.scale**2
+    prior = -(
+        Normal(torch.zeros_like(mu), math.sqrt(v)).log_prob(mu).sum()
+        + Gamma(torch.tensor(a0, dtype=F64), torch.tensor(b0, dtype=F64)).log_prob(tau).sum()
+    )
+    return kl_divergence(q, p).sum(), prior
+
+
+@pytest.mark.parametrize("std_param", ["softabs", "exp"])
+def test_compiled_kernel_matches_dense_reference_and_eager(std_param):
+    # one torch.compile kernel per chunk (kl_kernel: compiled) against torch.distributions on
+    # dense float64 tensors, values and every factor's gradient; several chunks, a short last one
+    d_out, d_in, v, a0, b0 = 37, 24, 0.05, 1.5, 0.2
+    pairs = [rand_pair(4, d_in, d_out, requires_grad=True) for _ in range(4)]
+    flat = [t for pair in pairs for t in pair]
+    kw = dict(scale=SCALE, floor=FLOOR, std_param=std_param, chunk_rows=2)  # 8 rows a chunk
+    prior_kw = dict(kw, prior_mu_var=v, a0=a0, b0=b0)
+    ref_kl, ref_prior = _dense_kl_and_prior(pairs, std_param, v, a0, b0)
+    ref_grads = torch.autograd.grad(ref_kl + ref_prior, flat)
+    for kernel in ("compiled", "eager"):
+        kl = kl_diag_gaussians(*pairs, **kw, kernel=kernel)
+        prior = neg_log_prior(*pairs[2:], **prior_kw, kernel=kernel)
+        torch.testing.assert_close(kl, ref_kl, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(prior, ref_prior, rtol=1e-12, atol=1e-9)
+        for got, want in zip(torch.autograd.grad(kl + prior, flat), ref_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert not gaussian._COMPILE_FAILURE
+
+
+def test_compiled_kernel_float32_and_local_only_gradients():
+    # the inner loop's case: float32 work, the global pairs frozen (no gradient asked)
+    d_out, d_in = 30, 20
+    pairs = [rand_pair(3, d_in, d_out, requires_grad=i < 2) for i in range(4)]
+    local = [t for pair in pairs[:2] for t in pair]
+    kw = dict(scale=SCALE, floor=FLOOR, std_param="softabs", chunk_rows=3)
+    exact = kl_diag_gaussians(*pairs, **kw)
+    fast = kl_diag_gaussians(*pairs, **kw, dtype=torch.float32, kernel="compiled")
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-4)
+    for g, e in zip(
+        torch.autograd.grad(fast, local), torch.autograd.grad(exact, local), strict=True
+    ):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_choice_and_compile_failure_falls_back(monkeypatch):
+    from abmll_tune.modules.gaussian import COMPILED_MIN_ENTRIES, resolve_kernel
+
+    big = int(math.isqrt(COMPILED_MIN_ENTRIES))
+    assert resolve_kernel("auto", big, big, "softabs", torch.device("cuda")) == "compiled"
+    assert resolve_kernel("auto", big, big, "softabs", torch.device("cpu")) == "eager"
+    assert resolve_kernel("auto", 64, 64, "softabs", torch.device("cuda")) == "eager"
+    assert resolve_kernel("auto", big, big, "affine", torch.device("cuda")) == "eager"
+    with pytest.raises(ValueError, match="does not support std_param='affine'"):
+        resolve_kernel("compiled", 8, 8, "affine")
+    with pytest.raises(ValueError, match="kl_kernel must be one of"):
+        resolve_kernel("fused", 8, 8, "softabs")
+
+    def broken_kernel(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(gaussian, "_COMPILED_KERNELS", {"_kl_chunk_kernel": broken_kernel})
+    monkeypatch.setattr(gaussian, "_COMPILE_FAILURE", [])
+    pairs = [rand_pair(2, 6, 9) for _ in range(4)]
+    kw = dict(scale=SCALE, floor=FLOOR, std_param="softabs")
+    with pytest.warns(RuntimeWarning, match="compiled kernel failed .*no C\\+\\+ compiler"):
+        fallback = kl_diag_gaussians(*pairs, **kw, kernel="compiled")
+    torch.testing.assert_close(fallback, kl_diag_gaussians(*pairs, **kw))
+    assert gaussian._COMPILE_FAILURE  # later calls go straight to the eager kernel

@@ -109,6 +109,10 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             docs/method.md) or ``float32`` (about half the time of that memory-bound
             work; sums still accumulate in float64; gradients agree to float32 precision,
             less where ``affine``'s sigma nears 0: keep float64 with ``affine``).
+        kl_kernel (str): how KL and prior run over each chunk: ``auto`` (default: one
+            ``torch.compile`` kernel per chunk on CUDA for layers of at least 2048 x 2048
+            entries, else the eager in-place code), ``eager`` or ``compiled``. Same
+            values to rounding; a failed compilation falls back to eager with a warning.
         **quantization_kwargs: passed to ``to_nf4`` when ``quantize_base``.
     """
 
@@ -129,11 +133,14 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         std_b_init_std: float = 0.0,
         chunk_elements: int = gaussian.DEFAULT_CHUNK_ELEMENTS,
         kl_dtype: str = "float64",
+        kl_kernel: str = "auto",
         **quantization_kwargs,
     ):
         super().__init__()
         if kl_dtype not in KL_DTYPES:
             raise ValueError(f"kl_dtype must be one of {tuple(KL_DTYPES)}, got {kl_dtype!r}")
+        gaussian.resolve_kernel(kl_kernel, out_dim, in_dim, std_param)  # validates
+        self.kl_kernel = kl_kernel
         if rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank}")
         gaussian.std_form(std_param)
@@ -340,6 +347,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             layer=self.layer_name,
             chunk_rows=gaussian.chunk_rows_for(self.in_dim, self.chunk_elements),
             dtype=KL_DTYPES[self.kl_dtype],
+            kernel=self.kl_kernel,
         )
 
     def neg_log_prior_global(
@@ -370,6 +378,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             layer=self.layer_name,
             chunk_rows=gaussian.chunk_rows_for(self.in_dim, self.chunk_elements),
             dtype=KL_DTYPES[self.kl_dtype],
+            kernel=self.kl_kernel,
         )
 
     def resolve_prior_mu_var(self, prior_mu_var: float | str | None) -> float:

@@ -1,0 +1,447 @@
+"""A planted hierarchical task family: tasks whose Bayes-optimal predictions are known.
+
+ABMLL's model of a task family is hierarchical: a global Gaussian over the adapter
+weights, and each task's weights one draw from it. This module builds a family in which
+that model is exactly right, from the frozen tiny backbone of the embedded suite:
+
+* the backbone's final norm scaled by ``logit_scale`` (4: the pre-trained tiny model's
+  answer-letter logits are too flat for a confident teacher, and the RMS norm caps what
+  adapters can add); this sharpened backbone is written with the family (``backbone/``)
+  and is the frozen model every method starts from;
+* a true global adapter theta*: on every adapted projection (q, v, output, as the CPU
+  configs adapt) a rank-r update Delta W* = lambda * s * B* A*, with A*, B* standard
+  normal scaled by 1/sqrt(fan-in) and lambda fixed per family (``mean_scale``);
+* per task i a true task adapter phi_i = Delta W* + sigma* o E_i, E_i ~ N(0, I) entrywise
+  (dense, as ABMLL's weight-space Gaussian is), sigma* = ``spread`` x the RMS entry of
+  that layer's Delta W* (the absolute sigma* of each layer is written to ``planted.json``);
+* each task's questions are the embedded suite's (inputs, options) for its name, and
+  each label is *sampled* from the teacher, the backbone with W0 + phi_i, restricted to
+  the question's options (the project's own prompt and answer-letter scoring).
+
+So the teacher's probabilities are the Bayes-optimal predictions (an oracle: the best
+accuracy possible, and perfectly calibrated), and ``prior_predictive`` (the teacher
+averaged over fresh draws of E, knowing theta* and sigma* but not phi_i) is what the
+hierarchical model predicts before seeing a task's examples. Written in MetaICL's layout
+with the k = 5 and k = 16 support files of every MetaICL seed and a ``splits.yaml``, so
+``python -m abmll_tune.data build --split planted --splits-file DIR/splits.yaml --source
+DIR --k 16 --out BUILT`` builds it and the recipes and evaluation run on it unchanged.
+
+    python -m abmll_tune.embedded.planted --backbone outputs/tiny_backbone \\
+        --tokenizer-dir outputs/data/embedded_src/tokenizer --spread 1.0 --out DIR
+
+(then train with ``checkpointer.checkpoint_dir=DIR/backbone``.)
+
+Everything is deterministic from ``--seed`` (and the backbone's weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from abmll_tune.data.loader import collate_mc
+from abmll_tune.data.prompt import PromptTokenizer
+from abmll_tune.data.records import MCExample, write_jsonl_examples
+from abmll_tune.data.sources import METAICL_SEEDS, kshot_indices, metaicl_file
+from abmll_tune.io import atomic_directory
+
+FORMAT = "abmll-tune-planted"
+FORMAT_VERSION = 1
+TARGETS = ("q_proj", "v_proj", "output_proj")
+RANK, ALPHA = 8, 16
+SUPPORT_KS = (5, 16)
+N_TRAIN, N_VAL, N_TEST = 40, 12, 24
+EXAMPLES_PER_TASK = 200
+EVAL_POOL = 32  # of an evaluation task's examples: the support pool; the rest held out
+TRAIN_K, TRAIN_SEED = 16384, 100
+PROMPT_LEN = 96  # longest prompt + answer (the embedded questions need about 40 tokens)
+DEFAULT_MEAN_SCALE = 1.0
+DEFAULT_LOGIT_SCALE = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PlantedFamily:
+    """The numbers that define a family (with the backbone's weights)."""
+
+    spread: float
+    seed: int = 0
+    mean_scale: float = DEFAULT_MEAN_SCALE
+    logit_scale: float = DEFAULT_LOGIT_SCALE
+    n_train: int = N_TRAIN
+    n_val: int = N_VAL
+    n_test: int = N_TEST
+    examples_per_task: int = EXAMPLES_PER_TASK
+
+    def task_names(self) -> dict[str, list[str]]:
+        return {
+            "train": [f"planted-train-{i:02d}" for i in range(self.n_train)],
+            "validation": [f"planted-val-{i:02d}" for i in range(self.n_val)],
+            "test": [f"planted-test-{i:02d}" for i in range(self.n_test)],
+        }
+
+
+def _generator(*parts) -> torch.Generator:
+    seed = int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:7], "big")
+    return torch.Generator().manual_seed(seed)
+
+
+def adapted_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The frozen projections the family plants adapters on, by state-dict prefix."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        for name in TARGETS:
+            out[f"layers.{i}.attn.{name}"] = getattr(layer.attn, name)
+    return out
+
+
+def true_global_adapter(
+    model: nn.Module, family: PlantedFamily
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """theta*: per adapted projection the LoRA pair (A*, B*) with Delta W* = s B* A*
+    (lambda folded into B*)."""
+    scale = ALPHA / RANK
+    pairs = {}
+    for prefix, linear in adapted_linears(model).items():
+        gen = _generator("theta", family.seed, prefix)
+        d_out, d_in = linear.weight.shape
+        a = torch.randn(RANK, d_in, generator=gen) / math.sqrt(d_in)
+        b = torch.randn(d_out, RANK, generator=gen) / math.sqrt(RANK)
+        pairs[prefix] = (a, b * (family.mean_scale / scale))  # s * B A = lambda * B0 A0
+    return pairs
+
+
+def mean_delta(pair: tuple[Tensor, Tensor]) -> Tensor:
+    a, b = pair
+    return (ALPHA / RANK) * b @ a
+
+
+def true_sigma(theta: dict[str, tuple[Tensor, Tensor]], spread: float) -> dict[str, float]:
+    """sigma* per layer: ``spread`` x the RMS entry of that layer's Delta W*."""
+    return {
+        prefix: spread * float(mean_delta(pair).pow(2).mean().sqrt())
+        for prefix, pair in theta.items()
+    }
+
+
+def task_delta(
+    theta: dict[str, tuple[Tensor, Tensor]], sigma: dict[str, float], family: PlantedFamily, task
+) -> dict[str, Tensor]:
+    """phi_i: Delta W* + sigma* o E_i, E_i drawn from the task's own seed."""
+    out = {}
+    for prefix, pair in theta.items():
+        mean = mean_delta(pair)
+        noise = torch.randn(mean.shape, generator=_generator("phi", family.seed, task, prefix))
+        out[prefix] = mean + sigma[prefix] * noise
+    return out
+
+
+class Teacher:
+    """The backbone with dense deltas added to its adapted projections."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+        self.linears = adapted_linears(model)
+        self.base = {p: lin.weight.detach().clone() for p, lin in self.linears.items()}
+
+    @torch.no_grad()
+    def set_delta(self, delta: dict[str, Tensor] | None) -> None:
+        for prefix, linear in self.linears.items():
+            weight = self.base[prefix] if delta is None else self.base[prefix] + delta[prefix]
+            linear.weight.copy_(weight)
+
+    @torch.no_grad()
+    def probabilities(self, tokenized, batch_size: int = 64) -> np.ndarray:
+        """(n, max_options) option probabilities (NaN past a question's options)."""
+        from abmll_tune.evaluation import option_probabilities
+
+        rows = []
+        for start in range(0, len(tokenized), batch_size):
+            batch = collate_mc(tokenized[start : start + batch_size])
+            probs = option_probabilities(self.model, batch)
+            rows.append(
+                np.pad(
+                    probs.double().numpy(),
+                    ((0, 0), (0, 4 - probs.shape[1])),
+                    constant_values=np.nan,
+                )
+            )
+        return np.concatenate(rows)
+
+
+def load_backbone(backbone_dir: str | Path) -> nn.Module:
+    """The embedded suite's tiny Llama3 from its HF checkpoint directory (frozen, float32)."""
+    from safetensors.torch import load_file
+    from torchtune.models import convert_weights
+    from torchtune.models.llama3 import llama3
+
+    from abmll_tune.embedded.backbone import TINY_EMBEDDED
+
+    directory = Path(backbone_dir)
+    config_path, weights = directory / "config.json", directory / "model.safetensors"
+    if not weights.is_file() or not config_path.is_file():
+        raise FileNotFoundError(
+            f"{directory}: no model.safetensors/config.json; create the backbone with "
+            "`make backbone` (or python -m abmll_tune.embedded.backbone)"
+        )
+    hf = json.loads(config_path.read_text())
+    arch = dict(TINY_EMBEDDED)
+    for key, hf_key in (
+        ("vocab_size", "vocab_size"),
+        ("num_layers", "num_hidden_layers"),
+        ("num_heads", "num_attention_heads"),
+        ("num_kv_heads", "num_key_value_heads"),
+        ("embed_dim", "hidden_size"),
+        ("intermediate_dim", "intermediate_size"),
+    ):
+        arch[key] = int(hf[hf_key])
+    state = convert_weights.hf_to_tune(
+        load_file(str(weights)),
+        num_heads=arch["num_heads"],
+        num_kv_heads=arch["num_kv_heads"],
+        dim=arch["embed_dim"],
+    )
+    model = llama3(**arch)
+    model.load_state_dict(state)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.arch = arch  # for write_backbone
+    return model.eval()
+
+
+def write_backbone(model: nn.Module, directory: Path) -> None:
+    """The family's frozen backbone as an HF checkpoint (what the recipes load)."""
+    from abmll_tune.models.hf_checkpoint import write_hf_checkpoint
+
+    write_hf_checkpoint(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        directory,
+        model_type="LLAMA3",
+        **{
+            k: model.arch[k]
+            for k in (
+                "vocab_size",
+                "num_layers",
+                "num_heads",
+                "num_kv_heads",
+                "embed_dim",
+                "intermediate_dim",
+                "max_seq_len",
+            )
+        },
+    )
+
+
+def _questions(family: PlantedFamily, name: str) -> list[MCExample]:
+    from abmll_tune.embedded.suite import make_lexicon, make_task
+
+    # the embedded suite's inputs and options (its labels are replaced by the teacher's)
+    return make_task(f"{family.seed}:{name}", make_lexicon(0), family.examples_per_task)
+
+
+def _sample_labels(probs: np.ndarray, rng: np.random.Generator) -> list[int]:
+    labels = []
+    for row in probs:
+        p = row[~np.isnan(row)]
+        labels.append(int(rng.choice(len(p), p=p / p.sum())))
+    return labels
+
+
+def generate_family(
+    family: PlantedFamily,
+    backbone_dir: str | Path,
+    tokenizer_dir: str | Path,
+    out: str | Path,
+    *,
+    prior_samples: int = 8,
+    progress: bool = False,
+) -> dict:
+    """Write the family (see the module docstring); returns its summary."""
+    from safetensors.torch import save_file
+
+    from abmll_tune.embedded.suite import llama3_tokenizer
+
+    if not family.spread >= 0:
+        raise ValueError(f"spread must be >= 0, got {family.spread}")
+    backbone = load_backbone(backbone_dir)
+    with torch.no_grad():
+        backbone.norm.scale.mul_(family.logit_scale)
+    teacher = Teacher(backbone)
+    prompt = PromptTokenizer(llama3_tokenizer(tokenizer_dir), max_seq_len=PROMPT_LEN)
+    theta = true_global_adapter(teacher.model, family)
+    sigma = true_sigma(theta, family.spread)
+    names = family.task_names()
+    eval_names = names["validation"] + names["test"]
+    tasks: dict[str, list[MCExample]] = {}
+    oracle: list[dict] = []
+    iterator = [n for part in names.values() for n in part]
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc=f"planted family (spread {family.spread})")
+    summary = {"oracle_accuracy": [], "global_teacher_agreement": [], "backbone_agreement": []}
+    for name in iterator:
+        questions = [
+            dataclasses.replace(q, task=name, id=f"{name}:{i}")
+            for i, q in enumerate(_questions(family, name))
+        ]
+        tokenized = [prompt(q) for q in questions]
+        if any(t is None for t in tokenized):
+            raise RuntimeError(f"a question of {name} is longer than {PROMPT_LEN} tokens")
+        teacher.set_delta(task_delta(theta, sigma, family, name))
+        probs = teacher.probabilities(tokenized)
+        rng = np.random.default_rng(
+            int.from_bytes(
+                hashlib.sha256(f"labels:{family.seed}:{name}".encode()).digest()[:7], "big"
+            )
+        )
+        labels = _sample_labels(probs, rng)
+        tasks[name] = [
+            dataclasses.replace(q, output=q.options[y])
+            for q, y in zip(questions, labels, strict=True)
+        ]
+        if name in eval_names:
+            best = np.nanargmax(probs, axis=1)
+            summary["oracle_accuracy"].append(float(np.mean(best == np.array(labels))))
+            references = {}
+            teacher.set_delta({p: mean_delta(pair) for p, pair in theta.items()})
+            references["global_teacher"] = teacher.probabilities(tokenized)
+            teacher.set_delta(None)
+            references["backbone"] = teacher.probabilities(tokenized)
+            prior = np.zeros_like(probs)
+            for j in range(prior_samples):  # fresh tasks' adapters: the prior predictive
+                teacher.set_delta(task_delta(theta, sigma, family, f"{name}#prior{j}"))
+                prior += teacher.probabilities(tokenized)
+            references["prior_predictive"] = prior / prior_samples
+            summary["global_teacher_agreement"].append(
+                float(np.mean(np.nanargmax(references["global_teacher"], 1) == best))
+            )
+            summary["backbone_agreement"].append(
+                float(np.mean(np.nanargmax(references["backbone"], 1) == best))
+            )
+            for i, q in enumerate(tasks[name]):
+                n = len(q.options)
+                oracle.append(
+                    {
+                        "task": name,
+                        "id": q.id,
+                        "gold": labels[i],
+                        "oracle": probs[i, :n].tolist(),
+                        **{k: v[i, :n].tolist() for k, v in references.items()},
+                    }
+                )
+    teacher.set_delta(None)
+    stats = {k: float(np.mean(v)) for k, v in summary.items()}
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "family": dataclasses.asdict(family),
+        "targets": list(TARGETS),
+        "rank": RANK,
+        "alpha": ALPHA,
+        "sigma_star": sigma,
+        "mean_delta_rms": {
+            p: float(mean_delta(pair).pow(2).mean().sqrt()) for p, pair in theta.items()
+        },
+        "support_ks": list(SUPPORT_KS),
+        "prior_samples": prior_samples,
+        "backbone": "backbone/ (the source backbone with its final norm scaled by logit_scale)",
+        "evaluation_tasks": stats,
+    }
+
+    def write(tmp: Path) -> None:
+        teacher.set_delta(None)
+        write_backbone(teacher.model, tmp / "backbone")
+        for name in names["train"]:
+            write_jsonl_examples(
+                tmp / metaicl_file(name, TRAIN_K, TRAIN_SEED, "train"), tasks[name]
+            )
+        for name in eval_names:
+            pool, heldout = tasks[name][:EVAL_POOL], tasks[name][EVAL_POOL:]
+            for seed in METAICL_SEEDS:
+                for k in SUPPORT_KS:
+                    order = kshot_indices(len(pool), 2 * k, seed)
+                    write_jsonl_examples(
+                        tmp / metaicl_file(name, k, seed, "train"), [pool[i] for i in order[:k]]
+                    )
+                    write_jsonl_examples(
+                        tmp / metaicl_file(name, k, seed, "dev"),
+                        [pool[i] for i in order[k : 2 * k]],
+                    )
+                    write_jsonl_examples(tmp / metaicl_file(name, k, seed, "test"), heldout)
+        (tmp / "splits.yaml").write_text(splits_yaml(family), encoding="utf-8")
+        (tmp / "oracle.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in oracle), encoding="utf-8"
+        )
+        flat = {}
+        for prefix, (a, b) in theta.items():
+            flat[f"{prefix}.lora_a"], flat[f"{prefix}.lora_b"] = a.contiguous(), b.contiguous()
+        save_file(flat, str(tmp / "theta_star.safetensors"), metadata={"format": FORMAT})
+        (tmp / "planted.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+
+    with atomic_directory(out) as tmp:
+        write(tmp)
+    return meta
+
+
+def splits_yaml(family: PlantedFamily) -> str:
+    names = family.task_names()
+    lines = [
+        "# The planted family's tasks and split (written by abmll_tune.embedded.planted).",
+        "tasks:",
+    ]
+    for part in names.values():
+        for name in part:
+            lines.append(
+                f"  {name}: {{kind: cls, source: planted, license: CC0-1.0 (generated by abmll-tune)}}"
+            )
+    lines += ["splits:", "  planted:"]
+    for part, key in (("train", "train"), ("validation", "validation"), ("test", "test")):
+        lines.append(f"    {key}: [{', '.join(names[part])}]")
+    return "\n".join(lines) + "\n"
+
+
+def read_oracle(directory: str | Path) -> dict[str, dict]:
+    """The family's ``oracle.jsonl`` by example id."""
+    rows = (json.loads(line) for line in Path(directory, "oracle.jsonl").read_text().splitlines())
+    return {row["id"]: row for row in rows}
+
+
+def read_family(directory: str | Path) -> dict:
+    """``planted.json``, checked for its format and version."""
+    path = Path(directory) / "planted.json"
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a planted family of format {FORMAT} v{FORMAT_VERSION}")
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", required=True, help="the tiny backbone's HF checkpoint dir")
+    parser.add_argument("--tokenizer-dir", required=True, help="the embedded suite's tokenizer/")
+    parser.add_argument("--out", required=True, help="directory to write (replaced atomically)")
+    parser.add_argument(
+        "--spread", type=float, required=True, help="sigma* / RMS entry of Delta W*"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mean-scale", type=float, default=DEFAULT_MEAN_SCALE)
+    parser.add_argument("--logit-scale", type=float, default=DEFAULT_LOGIT_SCALE)
+    args = parser.parse_args(argv)
+    family = PlantedFamily(
+        spread=args.spread, seed=args.seed, mean_scale=args.mean_scale, logit_scale=args.logit_scale
+    )
+    meta = generate_family(family, args.backbone, args.tokenizer_dir, args.out, progress=True)
+    print(json.dumps(meta["evaluation_tasks"]))
+
+
+if __name__ == "__main__":
+    main()

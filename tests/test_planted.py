@@ -1,0 +1,187 @@
+"""The planted hierarchical family: deterministic, its oracle calibrated on its own labels,
+and the project's data and scoring path reproducing the teacher from the written files."""
+
+import filecmp
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from abmll_tune.embedded import planted
+from abmll_tune.embedded.planted import PlantedFamily, generate_family, read_oracle
+
+SMALL = dict(n_train=2, n_val=1, n_test=3, examples_per_task=96)
+
+
+@pytest.fixture(scope="module")
+def family_dir(embedded_backbone, embedded_source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("planted") / "family"
+    generate_family(
+        PlantedFamily(spread=1.0, seed=3, **SMALL),
+        embedded_backbone,
+        embedded_source / "tokenizer",
+        out,
+        prior_samples=2,
+    )
+    return out
+
+
+def _same_tree(a, b):
+    cmp = filecmp.dircmp(a, b)
+    assert not (cmp.left_only or cmp.right_only or cmp.diff_files or cmp.funny_files), (
+        cmp.left_only,
+        cmp.right_only,
+        cmp.diff_files,
+    )
+    for sub in cmp.common_dirs:
+        _same_tree(a / sub, b / sub)
+
+
+def test_generator_is_deterministic_and_seeded(
+    family_dir, embedded_backbone, embedded_source, tmp_path
+):
+    tok = embedded_source / "tokenizer"
+    again = tmp_path / "again"
+    generate_family(
+        PlantedFamily(spread=1.0, seed=3, **SMALL), embedded_backbone, tok, again, prior_samples=2
+    )
+    _same_tree(family_dir, again)  # byte for byte, theta* and the oracle included
+    other = tmp_path / "other"
+    generate_family(
+        PlantedFamily(spread=1.0, seed=4, **SMALL), embedded_backbone, tok, other, prior_samples=2
+    )
+    ids = sorted(read_oracle(family_dir))
+    assert ids == sorted(read_oracle(other))
+    assert [read_oracle(family_dir)[i]["oracle"] for i in ids] != [
+        read_oracle(other)[i]["oracle"] for i in ids
+    ]
+    meta = json.loads((family_dir / "planted.json").read_text())
+    assert set(meta["sigma_star"]) == {
+        f"layers.{i}.attn.{t}" for i in range(2) for t in planted.TARGETS
+    }
+    for prefix, sigma in meta["sigma_star"].items():  # spread 1: sigma* = RMS entry of Delta W*
+        assert sigma == pytest.approx(meta["mean_delta_rms"][prefix])
+
+
+def _ece_null(probs, n_draws, rng):
+    """ECE of the probabilities on labels drawn from themselves: its sampling distribution
+    when the predictions are perfectly calibrated (Monte Carlo)."""
+    from abmll_tune.metrics import expected_calibration_error
+
+    cumulative = np.nancumsum(probs, axis=1)
+    out = []
+    for _ in range(n_draws):
+        u = rng.random((len(probs), 1)) * cumulative[:, -1:]
+        labels = (u > cumulative).sum(axis=1)  # inverse CDF, per row
+        out.append(expected_calibration_error(probs, labels))
+    return np.array(out)
+
+
+def test_oracle_is_calibrated_on_its_own_labels(family_dir):
+    from abmll_tune.metrics import expected_calibration_error, pad_probs
+
+    rows = list(read_oracle(family_dir).values())
+    probs = [r["oracle"] for r in rows]
+    ece = expected_calibration_error(pad_probs(probs), [r["gold"] for r in rows])
+    null = _ece_null(pad_probs(probs), 200, np.random.default_rng(0))
+    assert ece <= np.quantile(null, 0.99), (ece, np.quantile(null, [0.5, 0.99]))
+    # the same check rejects labels that are not the oracle's samples: its argmax
+    argmax = [int(np.argmax(p)) for p in probs]
+    assert expected_calibration_error(pad_probs(probs), argmax) > np.quantile(null, 0.99)
+
+
+def test_true_task_adapter_reaches_the_oracle(
+    family_dir, embedded_backbone, embedded_source, tmp_path
+):
+    # the project's own path: data build, TaskData, the evaluation's scoring, an ABMLL model
+    # whose frozen weights carry W0 + phi_i (adapters at their zero init): its predictions
+    # are the oracle's, so it reaches the oracle's accuracy
+    from abmll_tune.data.build import BuildOptions, build_split
+    from abmll_tune.data.loader import TaskData, heldout_batches
+    from abmll_tune.embedded.backbone import TINY_EMBEDDED
+    from abmll_tune.embedded.suite import llama3_tokenizer
+    from abmll_tune.evaluation import score
+    from abmll_tune.models import abmll_llama3
+
+    built = tmp_path / "built"
+    build_split(
+        BuildOptions(
+            split="planted",
+            source=str(family_dir),
+            out=str(built),
+            split_files=[str(family_dir / "splits.yaml")],
+            k=5,
+        ),
+        progress=False,
+        log=lambda *_: None,
+    )
+    data = TaskData(
+        str(built), llama3_tokenizer(embedded_source / "tokenizer"), max_seq_len=planted.PROMPT_LEN
+    )
+    family = PlantedFamily(spread=1.0, seed=3, **SMALL)
+    base = planted.load_backbone(family_dir / "backbone")  # the family's sharpened backbone
+    theta = planted.true_global_adapter(base, family)
+    sigma = planted.true_sigma(theta, family.spread)
+    model = abmll_llama3(
+        list(planted.TARGETS), lora_rank=planted.RANK, lora_alpha=planted.ALPHA, **TINY_EMBEDDED
+    )
+    oracle = read_oracle(family_dir)
+    hits = oracle_hits = total = 0
+    for task in family.task_names()["test"]:
+        delta = planted.task_delta(theta, sigma, family, task)
+        state = {k: v.clone() for k, v in base.state_dict().items()}
+        for prefix, d in delta.items():
+            state[f"{prefix}.weight"] += d
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all("lora" in k for k in missing)
+        _, heldout = data.eval_task(task, 100, "test")
+        batches = heldout_batches(heldout, batch_size=16, pad_id=data.pad_id)
+        probs = score(model.eval(), batches, "local_mean")
+        for example, p in zip(heldout, probs, strict=True):
+            want = oracle[example.id]
+            np.testing.assert_allclose(p, want["oracle"], rtol=1e-4, atol=1e-6)
+            hits += int(np.argmax(p) == example.gold)
+            oracle_hits += int(np.argmax(want["oracle"]) == want["gold"])
+            total += 1
+    assert total >= 40 and hits == oracle_hits
+    # and the oracle is worth reaching: better than the backbone alone on the same questions
+    rows = [oracle[i] for i in oracle if i.startswith("planted-test")]
+    assert np.mean([np.argmax(r["oracle"]) == r["gold"] for r in rows]) > np.mean(
+        [np.argmax(r["backbone"]) == r["gold"] for r in rows]
+    )
+    torch.testing.assert_close(
+        planted.mean_delta(theta["layers.0.attn.q_proj"]),
+        (planted.ALPHA / planted.RANK)
+        * theta["layers.0.attn.q_proj"][1]
+        @ theta["layers.0.attn.q_proj"][0],
+    )
+
+
+def test_benchmark_excess_nll_is_the_kl_to_the_oracle():
+    # bench/bench_planted.py's gap measure against torch.distributions' KL, with padded rows
+    import sys
+
+    from helpers import REPO
+    from torch.distributions import Categorical, kl_divergence
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_planted import scores
+
+    from abmll_tune.metrics import pad_probs
+
+    rng = np.random.default_rng(0)
+    rows_p, rows_q = [], []
+    for n in (2, 3, 4, 3, 2):
+        rows_p.append(list(rng.dirichlet(np.ones(n))))
+        rows_q.append(list(rng.dirichlet(np.ones(n))))
+    p, q = pad_probs(rows_p), pad_probs(rows_q)
+    gold = [0, 1, 2, 0, 1]
+    want = np.mean(
+        [
+            float(kl_divergence(Categorical(torch.tensor(a)), Categorical(torch.tensor(b))))
+            for a, b in zip(rows_p, rows_q, strict=True)
+        ]
+    )
+    assert scores(q, gold, p)["excess_nll"] == pytest.approx(want, rel=1e-9)
+    assert scores(p, gold, p)["excess_nll"] == pytest.approx(0.0, abs=1e-12)
