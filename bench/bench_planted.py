@@ -200,12 +200,6 @@ def run_spread(spread: float, args, out: Path, common: list[str], pool) -> dict:
 # ------------------------------------------------------------------------------ scoring
 
 
-def _probs_array(rows) -> np.ndarray:
-    from abmll_tune.metrics import pad_probs
-
-    return pad_probs(rows)
-
-
 def scores(probs: np.ndarray, gold: np.ndarray, oracle: np.ndarray) -> dict:
     """Metrics against the sampled labels, and the exact excess NLL against the oracle."""
     from abmll_tune.metrics import all_metrics
@@ -217,8 +211,9 @@ def scores(probs: np.ndarray, gold: np.ndarray, oracle: np.ndarray) -> dict:
     return m
 
 
-def score_spread(result: dict, seeds: int) -> dict:
+def score_spread(result: dict) -> dict:
     from abmll_tune.embedded.planted import read_oracle
+    from abmll_tune.metrics import pad_probs
 
     oracle = read_oracle(result["family"])
     by_key: dict = {}
@@ -240,9 +235,9 @@ def score_spread(result: dict, seeds: int) -> dict:
         records.sort(key=lambda r: r["id"])
         gold = np.array([oracle[r["id"]]["gold"] for r in records])
         assert all(r["gold"] == oracle[r["id"]]["gold"] for r in records), "gold mismatch"
-        probs = _probs_array([r["probs"] for r in records])
+        probs = pad_probs([r["probs"] for r in records])
         ref = {
-            name: _probs_array([oracle[r["id"]][name] for r in records])
+            name: pad_probs([oracle[r["id"]][name] for r in records])
             for name in ("oracle", "prior_predictive", "global_teacher")
         }
         mine = scores(probs, gold, ref["oracle"])
@@ -305,7 +300,6 @@ def weight_space_distances(result: dict) -> dict:
     ratio and cosine with Delta W* (the weights are not identifiable: a function equal to
     the teacher's can sit elsewhere, so the cosine says whether it moved *toward* theta*),
     and for ABMLL RMS(sigma_theta) / sigma*."""
-    import torch
     from safetensors.torch import load_file
 
     from abmll_tune.embedded.planted import mean_delta, read_family
@@ -347,7 +341,6 @@ def weight_space_distances(result: dict) -> dict:
                 key: float(np.mean([s[prefix][key] for s in per_seed]))
                 for key in per_seed[0][prefix]
             }
-    del torch
     return summary
 
 
@@ -515,7 +508,7 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         for spread in (float(s) for s in args.spreads.split(",")):
             result = run_spread(spread, args, out, common, pool)
-            scored = score_spread(result, args.seeds)
+            scored = score_spread(result)
             from abmll_tune.embedded.planted import read_family
 
             report["spreads"][f"{spread:g}"] = {

@@ -375,3 +375,27 @@ def test_kernel_choice_and_compile_failure_falls_back(monkeypatch):
         fallback = kl_diag_gaussians(*pairs, **kw, kernel="compiled")
     torch.testing.assert_close(fallback, kl_diag_gaussians(*pairs, **kw))
     assert gaussian._COMPILE_FAILURE  # later calls go straight to the eager kernel
+
+    # a kernel that fails after folding some chunks (a recompilation for the short last
+    # chunk, say): the eager rerun must not add to the gradients already folded
+    calls = []
+
+    def fails_on_second_chunk(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("recompilation failed")
+        return gaussian._kl_chunk_kernel(*args)  # the kernel's arithmetic, uncompiled
+
+    monkeypatch.setattr(gaussian, "_COMPILED_KERNELS", {"_kl_chunk_kernel": fails_on_second_chunk})
+    monkeypatch.setattr(gaussian, "_COMPILE_FAILURE", [])
+    pairs = [rand_pair(2, 6, 9, requires_grad=True) for _ in range(4)]
+    flat = [t for pair in pairs for t in pair]
+    with pytest.warns(RuntimeWarning, match="recompilation failed"):
+        value = kl_diag_gaussians(*pairs, **kw, kernel="compiled", chunk_rows=1)  # 4-row chunks
+    assert len(calls) == 2
+    expected = kl_diag_gaussians(*pairs, **kw)
+    torch.testing.assert_close(value, expected)
+    for got, want in zip(
+        torch.autograd.grad(value, flat), torch.autograd.grad(expected, flat), strict=True
+    ):
+        torch.testing.assert_close(got, want)

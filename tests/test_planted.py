@@ -120,7 +120,7 @@ def test_true_task_adapter_reaches_the_oracle(
         str(built), llama3_tokenizer(embedded_source / "tokenizer"), max_seq_len=planted.PROMPT_LEN
     )
     family = PlantedFamily(spread=1.0, seed=3, **SMALL)
-    base = planted.load_backbone(family_dir / "backbone")  # the family's sharpened backbone
+    base, _ = planted.load_backbone(family_dir / "backbone")  # the family's sharpened backbone
     theta = planted.true_global_adapter(base, family)
     sigma = planted.true_sigma(theta, family.spread)
     model = abmll_llama3(

@@ -177,47 +177,45 @@ class Teacher:
         return np.concatenate(rows)
 
 
-def load_backbone(backbone_dir: str | Path) -> nn.Module:
-    """The embedded suite's tiny Llama3 from its HF checkpoint directory (frozen, float32)."""
-    from safetensors.torch import load_file
-    from torchtune.models import convert_weights
+def load_backbone(backbone_dir: str | Path) -> tuple[nn.Module, dict]:
+    """The embedded suite's tiny Llama3 from its HF checkpoint directory, read by
+    torchtune's ``FullModelHFCheckpointer`` (frozen, float32); returns (model, arch)."""
+    import tempfile
+
     from torchtune.models.llama3 import llama3
+    from torchtune.training import MODEL_KEY, FullModelHFCheckpointer
 
     from abmll_tune.embedded.backbone import TINY_EMBEDDED
 
     directory = Path(backbone_dir)
-    config_path, weights = directory / "config.json", directory / "model.safetensors"
-    if not weights.is_file() or not config_path.is_file():
+    if not (directory / "model.safetensors").is_file() or not (directory / "config.json").is_file():
         raise FileNotFoundError(
             f"{directory}: no model.safetensors/config.json; create the backbone with "
             "`make backbone` (or python -m abmll_tune.embedded.backbone)"
         )
-    hf = json.loads(config_path.read_text())
-    arch = dict(TINY_EMBEDDED)
-    for key, hf_key in (
-        ("vocab_size", "vocab_size"),
-        ("num_layers", "num_hidden_layers"),
-        ("num_heads", "num_attention_heads"),
-        ("num_kv_heads", "num_key_value_heads"),
-        ("embed_dim", "hidden_size"),
-        ("intermediate_dim", "intermediate_size"),
-    ):
-        arch[key] = int(hf[hf_key])
-    state = convert_weights.hf_to_tune(
-        load_file(str(weights)),
-        num_heads=arch["num_heads"],
-        num_kv_heads=arch["num_kv_heads"],
-        dim=arch["embed_dim"],
+    with tempfile.TemporaryDirectory() as scratch:  # the checkpointer wants an output dir
+        checkpointer = FullModelHFCheckpointer(
+            str(directory), ["model.safetensors"], model_type="LLAMA3", output_dir=scratch
+        )
+        state = checkpointer.load_checkpoint()[MODEL_KEY]
+    hf = checkpointer._config  # config.json, as torchtune read it
+    arch = dict(
+        TINY_EMBEDDED,
+        vocab_size=hf["vocab_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf["num_key_value_heads"],
+        embed_dim=hf["hidden_size"],
+        intermediate_dim=hf["intermediate_size"],
     )
     model = llama3(**arch)
     model.load_state_dict(state)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.arch = arch  # for write_backbone
-    return model.eval()
+    return model.eval(), arch
 
 
-def write_backbone(model: nn.Module, directory: Path) -> None:
+def write_backbone(model: nn.Module, arch: dict, directory: Path) -> None:
     """The family's frozen backbone as an HF checkpoint (what the recipes load)."""
     from abmll_tune.models.hf_checkpoint import write_hf_checkpoint
 
@@ -225,18 +223,7 @@ def write_backbone(model: nn.Module, directory: Path) -> None:
         {k: v.contiguous() for k, v in model.state_dict().items()},
         directory,
         model_type="LLAMA3",
-        **{
-            k: model.arch[k]
-            for k in (
-                "vocab_size",
-                "num_layers",
-                "num_heads",
-                "num_kv_heads",
-                "embed_dim",
-                "intermediate_dim",
-                "max_seq_len",
-            )
-        },
+        **arch,
     )
 
 
@@ -271,7 +258,7 @@ def generate_family(
 
     if not family.spread >= 0:
         raise ValueError(f"spread must be >= 0, got {family.spread}")
-    backbone = load_backbone(backbone_dir)
+    backbone, arch = load_backbone(backbone_dir)
     with torch.no_grad():
         backbone.norm.scale.mul_(family.logit_scale)
     teacher = Teacher(backbone)
@@ -359,7 +346,7 @@ def generate_family(
 
     def write(tmp: Path) -> None:
         teacher.set_delta(None)
-        write_backbone(teacher.model, tmp / "backbone")
+        write_backbone(teacher.model, arch, tmp / "backbone")
         for name in names["train"]:
             write_jsonl_examples(
                 tmp / metaicl_file(name, TRAIN_K, TRAIN_SEED, "train"), tasks[name]

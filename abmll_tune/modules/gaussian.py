@@ -303,7 +303,8 @@ def _kl_chunk_kernel(b_d, a_d, b_q, a_q, b_p, a_p, floor, form, need_d, need_q, 
 
 def _prior_chunk_kernel(b_mu, a_mu, b_sd, a_sd, floor, form, inv_mu_var, a0, b0, need_mu, need_sd):
     """One chunk of :func:`neg_log_prior` without its constant, as :func:`_kl_chunk_kernel`."""
-    mu, var = _dense(b_mu, a_mu), form.variance(_dense(b_sd, a_sd), floor)
+    mu, m_sd = _dense(b_mu, a_mu), _dense(b_sd, a_sd)
+    var = form.variance(m_sd, floor)
     inv = 1.0 / var
     value = (mu * mu).to(torch.float64).sum() * (0.5 * inv_mu_var) + b0 * inv.to(
         torch.float64
@@ -313,9 +314,7 @@ def _prior_chunk_kernel(b_mu, a_mu, b_sd, a_sd, floor, form, inv_mu_var, a0, b0,
     g_mu = mu * inv_mu_var if need_mu else None
     g_sd = None
     if need_sd:
-        g_sd = form.half_slope(_dense(b_sd, a_sd), floor) * (
-            (2.0 * (a0 - 1.0) - 2.0 * b0 * inv) * inv
-        )
+        g_sd = form.half_slope(m_sd, floor) * ((2.0 * (a0 - 1.0) - 2.0 * b0 * inv) * inv)
     return value, _fold(g_mu, b_mu, a_mu), _fold(g_sd, b_sd, a_sd)
 
 
@@ -494,6 +493,9 @@ class _RowChunkedSum(torch.autograd.Function):
                 raise
             except Exception as error:  # no C++ compiler, an inductor bug, ...
                 _fall_back_to_eager(term.name, term.layer, error)
+                for g in grad_a:  # the chunks folded before the failure: start over
+                    if g is not None:
+                        g.zero_()
         if total is None:
             total = _eager_chunks(term, cats, need_prod, grad_a, grad_b)
         for k in range(len(cats)):
