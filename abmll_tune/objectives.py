@@ -59,8 +59,20 @@ def output_at(model: nn.Module, positions: Tensor) -> Iterator[None]:
         del model.unembed
 
 
+def on_model_device(model: nn.Module, batch: dict) -> dict:
+    """``batch`` with its tensors on the device of ``model``'s parameters.
+
+    Batches are collated on the CPU (the data loaders know nothing of the device); every
+    objective that runs the model on a batch moves it here, so training, validation and
+    evaluation run wherever the recipe put the model. Tensors already there are not copied.
+    """
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
 def answer_logits(model: nn.Module, batch: dict) -> Tensor:
     """``(B, vocab)`` float logits at each question's answer position (see :func:`output_at`)."""
+    batch = on_model_device(model, batch)
     with output_at(model, batch["answer_positions"]):
         return model(batch["tokens"])
 
@@ -81,6 +93,7 @@ def answer_nll(model: nn.Module, batch: dict, loss_fn: nn.Module | None = None) 
     ``CEWithChunkedOutputLoss`` (given the answer logits as its single chunk) or any
     ``(logits, targets)`` loss; default: plain CE.
     """
+    batch = on_model_device(model, batch)
     logits = answer_logits(model, batch)
     targets = answer_targets(batch)
     if loss_fn is None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,9 +51,18 @@ def recipe_module(recipe: str) -> str:
     return module.replace(".", "/") + ".py"
 
 
+def tune_command() -> list[str]:
+    """torchtune's ``tune`` CLI run by this interpreter: found wherever torchtune is
+    importable (a venv, a ``pip install --target`` folder whose scripts are not beside the
+    interpreter), and never a ``tune`` of another environment first on PATH. ``-P``
+    (Python 3.11+) keeps ``-m`` from putting the current directory first on the path, where
+    a checkout's ``abmll_tune`` (which has no ``recipes``) would hide the installed one."""
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    return [sys.executable, *safe_path, "-m", "torchtune._cli.tune"]
+
+
 def _tune(recipe: str, config: str, overrides: list[str]) -> None:
-    tune = shutil.which("tune", path=str(Path(sys.executable).parent)) or "tune"
-    cmd = [tune, "run", recipe_module(recipe), "--config", config, *overrides]
+    cmd = [*tune_command(), "run", recipe_module(recipe), "--config", config, *overrides]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)  # config paths are relative to the caller's directory
 

@@ -26,7 +26,8 @@ meta-training is (5 * inner + 1 * full) / 6 (``abmll_cycle`` in the table).
 
 Each repetition runs every variant in a fresh subprocess, alternating, so peak RSS is
 per variant and drift on this shared machine hits all variants alike. Reported: median
-step time, time ratio to LoRA, peak RSS above the process's RSS before the first step,
+step time, the fastest step and the median process CPU time (all threads; each with its
+ratio to LoRA: on a shared machine the median's spread hides a 5% effect), peak RSS above the process's RSS before the first step,
 and the bytes each variant saves for backward (what a model without activation
 checkpointing keeps per layer), extrapolated to 32 layers.
 """
@@ -160,13 +161,15 @@ def worker(variant: str, steps: int) -> dict:
 
     baseline = _current_rss_bytes()
     saved_bytes = step()  # warm-up
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)  # all threads: load-independent-ish
     return {
         "step_seconds": times,
+        "cpu_seconds": cpu_times,
         "extra_peak_rss_bytes": _peak_rss_bytes() - baseline,
         "saved_for_backward_bytes": saved_bytes,
     }
@@ -201,6 +204,10 @@ def main() -> None:
     for variant, results in runs.items():
         summary[variant] = {
             "median_step_seconds": statistics.median(t for r in results for t in r["step_seconds"]),
+            # on a shared machine the fastest step is the least disturbed one, and the CPU
+            # time (all threads) moves less with other load than the wall clock does
+            "min_step_seconds": min(t for r in results for t in r["step_seconds"]),
+            "median_cpu_seconds": statistics.median(t for r in results for t in r["cpu_seconds"]),
             "median_extra_peak_rss_mib": statistics.median(
                 r["extra_peak_rss_bytes"] for r in results
             )
@@ -213,6 +220,12 @@ def main() -> None:
             INNER_STEPS * inner["median_step_seconds"] + full["median_step_seconds"]
         )
         / (INNER_STEPS + 1),
+        "min_step_seconds": (INNER_STEPS * inner["min_step_seconds"] + full["min_step_seconds"])
+        / (INNER_STEPS + 1),
+        "median_cpu_seconds": (
+            INNER_STEPS * inner["median_cpu_seconds"] + full["median_cpu_seconds"]
+        )
+        / (INNER_STEPS + 1),
         "median_extra_peak_rss_mib": max(
             inner["median_extra_peak_rss_mib"], full["median_extra_peak_rss_mib"]
         ),
@@ -223,6 +236,8 @@ def main() -> None:
     lora = summary["lora"]
     for row in summary.values():
         row["time_ratio_vs_lora"] = row["median_step_seconds"] / lora["median_step_seconds"]
+        row["min_time_ratio_vs_lora"] = row["min_step_seconds"] / lora["min_step_seconds"]
+        row["cpu_time_ratio_vs_lora"] = row["median_cpu_seconds"] / lora["median_cpu_seconds"]
         row["extra_peak_vs_lora_mib"] = (
             row["median_extra_peak_rss_mib"] - lora["median_extra_peak_rss_mib"]
         )
@@ -248,11 +263,13 @@ def main() -> None:
     print(
         f"\nLlama3-8B-shaped decoder layer, fp32 CPU, batch 2x256, {args.reps} alternating reps (full results: {args.out})"
     )
-    header = f"{'variant':<16}{'step s':>8}{'x LoRA':>8}{'peak+ MiB':>11}{'vs LoRA':>9}{'saved MiB':>11}{'vs LoRA':>9}{'x32 GiB':>9}"
+    header = f"{'variant':<16}{'step s':>8}{'x LoRA':>8}{'min s':>7}{'x LoRA':>8}{'cpu s':>7}{'x LoRA':>8}{'peak+ MiB':>11}{'vs LoRA':>9}{'saved MiB':>11}{'vs LoRA':>9}{'x32 GiB':>9}"
     print(header)
     for variant, r in summary.items():
         print(
             f"{variant:<16}{r['median_step_seconds']:>8.2f}{r['time_ratio_vs_lora']:>8.2f}"
+            f"{r['min_step_seconds']:>7.2f}{r['min_time_ratio_vs_lora']:>8.2f}"
+            f"{r['median_cpu_seconds']:>7.2f}{r['cpu_time_ratio_vs_lora']:>8.2f}"
             f"{r['median_extra_peak_rss_mib']:>11.0f}{r['extra_peak_vs_lora_mib']:>+9.0f}"
             f"{r['saved_for_backward_mib']:>11.0f}{r['extra_saved_vs_lora_mib']:>+9.1f}"
             f"{r['extra_saved_32_layers_gib']:>+9.2f}"

@@ -1,28 +1,33 @@
 """The project's GPU check: one command, prepared to run unchanged the first time a GPU is lent.
 
+    bash bench/run_on_device.sh                 (on a lent GPU machine: installs the kit, runs this)
     python bench/gpu_check.py --out bench_results/gpu_check.json          (or: make gpu-check)
     python bench/gpu_check.py --cpu-smoke --out /tmp/gpu_check.json        (tiny, CPU; in the tests)
 
-Three parts, each timed against the budget (``--budget-s``, default 480 s = 8 minutes),
-one JSON file and a short table at the end:
+Four parts, within one budget (``--budget-s``, default 480 s = 8 of a lent machine's 10
+minutes a command), each written to the JSON as it finishes (a part's error is recorded
+and the next part runs; SIGTERM or Ctrl-C leave the finished parts), a table at the end:
 
+0. ``environment``: Python, torch, CUDA, the GPU, and the version and folder of every
+   distribution the project imports (the kit's and the image's).
 1. ``paper_step``: a Llama3-8B-shaped model with random weights (built on the meta
    device, materialised on the GPU, no download), bf16, the paper config's settings
    (batch 2 x 512 tokens, activation checkpointing, rank 8 / alpha 16 on q, v and output
    projections): peak memory and step time of torchtune's own LoRA model
    (``lora_llama3``) against ABMLL's inner step, its heaviest outer step
    (``first_order``: query-NLL gradients plus beta KL and gamma prior for all four
-   pairs) and a whole task visit (K = 5 inner steps and the default outer step),
-   measured alternating, as ratios. The paper reports 25.6 GB vs 23.8 GB (+7.6%); the
-   targets are at most +3% memory and 1.2x time.
-2. ``recipes``: the real recipes on the device: a short meta-training of the tiny
-   embedded config (``device``, ``dtype: bf16`` on a GPU), stopped and resumed, then
-   few-shot evaluation of its checkpoint: finite losses, a checkpoint written, resume
-   continuing it.
-3. ``methods``: if the SmolLM2 checkpoint and the cls45 data are present (``make
-   smollm2``; README "Real model on a laptop"), ABMLL, Reptile and Regular LoRA
-   meta-trained on cls45 for as many task visits as the remaining budget allows, then
-   evaluated few-shot on the test tasks with 3 seeds. Skipped (and said so) otherwise.
+   pairs) and a whole task visit (K = 5 inner steps and the default outer step), with
+   the default KL kernel (compiled on CUDA) and the eager one. One model resident at a
+   time; LoRA measured first and last (drift). The paper reports 25.6 GB vs 23.8 GB
+   (+7.6%); the targets are at most +3% memory and 1.2x time. At most 45% of the budget.
+2. ``recipes``: the real recipes on the device with the paper configs' training paths
+   (activation checkpointing, chunked cross-entropy, and on CUDA ``compile``): a short
+   meta-training of the tiny embedded config in bf16, stopped and resumed, then few-shot
+   evaluation of its checkpoint: finite losses, a checkpoint written, resume continuing it.
+3. ``methods``: ABMLL, Reptile and Regular LoRA meta-trained on the tiny embedded suite
+   (fp32, as the CPU demo) and evaluated few-shot on its test tasks with 3 seeds, seed by
+   seed as the budget allows; SmolLM2 on cls45 instead where ``make smollm2`` and the
+   cls45 data are present (they cannot travel to a lent machine).
 
 ``--cpu-smoke`` runs all of it on the CPU with tiny shapes (a 2-layer model for part 1,
 the embedded suite for parts 2 and 3), so that the script cannot rot.
@@ -34,11 +39,13 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -81,7 +88,8 @@ def _materialise(model: torch.nn.Module, device: torch.device, dtype: torch.dtyp
                 p.normal_(0.0, 0.02, generator=gen)
     for module in model.modules():
         if hasattr(module, "rope_init"):
-            module.rope_init()
+            with torch.device(device):  # its caches are created, not materialised
+                module.rope_init()
         if hasattr(module, "initialize_parameters") and "lora" in type(module).__name__.lower():
             module.initialize_parameters()  # torchtune's LoRALinear
     for layer in variational_lora_layers(model).values():
@@ -172,47 +180,89 @@ def _steppers(kind: str, model, batch: dict, inner_steps: int):
     }
 
 
-def paper_step(device, dtype, shape: dict, tokens: int, repeats: int, inner_steps: int) -> dict:
-    """Part 1: memory (each model alone) and time (alternating) of LoRA vs ABMLL steps."""
-    batch = _batch(shape, 2, tokens, device)
-    out: dict = {"shape": shape, "batch": [2, tokens], "dtype": str(dtype), "device": str(device)}
-    memory = {}
-    kinds = ("lora", "abmll", "abmll_eager")
-    for kind in kinds:  # memory: one model at a time, as a run would hold it
-        model = _build(kind, shape, device, dtype, activation_checkpointing=True)
-        steps = _steppers(kind, model, batch, inner_steps)
-        for name, step in steps.items():
-            step()  # warm-up: optimizer states exist, kernels compiled
-            _sync(device)
-            _reset_peak(device)
-            step()
-            _sync(device)
-            memory[name] = _peak_bytes(device)
-        del model, steps
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    out["peak_memory_gib"] = {k: None if v is None else v / 2**30 for k, v in memory.items()}
-    if memory["lora_step"]:
-        out["memory_ratio"] = {
-            k: v / memory["lora_step"] for k, v in memory.items() if k != "lora_step"
-        }
-    models = {k: _build(k, shape, device, dtype, True) for k in kinds}
-    steps = {}
-    for kind in kinds:
-        steps.update(_steppers(kind, models[kind], batch, inner_steps))
+def _timed(steps: dict, repeats: int, device, deadline: float) -> dict[str, list[float]]:
+    """Alternating timed runs of ``steps`` (name -> function), at most ``repeats`` each,
+    fewer (at least one) when ``deadline`` comes first."""
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):  # alternating: drift hits every variant alike
+    for rep in range(repeats):
+        if rep and time.perf_counter() > deadline:
+            break
         for name, step in steps.items():
             _sync(device)
             start = time.perf_counter()
             step()
             _sync(device)
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paper_step(
+    device,
+    dtype,
+    shape: dict,
+    tokens: int,
+    repeats: int,
+    inner_steps: int,
+    deadline: float,
+    kinds: tuple[str, ...] = ("lora", "abmll", "abmll_eager", "lora"),
+) -> dict:
+    """Part 1: peak memory and step time of LoRA vs ABMLL steps, one model resident at a
+    time (an 8B model is 16 GB in bf16: three at once would not be what a run holds).
+
+    Each model is built, its steps warmed up (the first step's time kept: it holds the
+    KL kernel's compilation), its peak memory taken over one more step, then its steps
+    timed alternating. LoRA is measured first and again last: the two agree unless the
+    device drifted during the part (``lora_drift``)."""
+    batch = _batch(shape, 2, tokens, device)
+    out: dict = {"shape": shape, "batch": [2, tokens], "dtype": str(dtype), "device": str(device)}
+    memory, first_step, times = {}, {}, {}
+    for i, kind in enumerate(kinds):
+        if i and time.perf_counter() > deadline:
+            out["skipped"] = list(kinds[i:])
+            break
+        again = kind in kinds[:i]
+        model = _build(kind, shape, device, dtype, activation_checkpointing=True)
+        steps = _steppers(kind, model, batch, inner_steps)
+        if again:
+            steps = {f"{name}_again": step for name, step in steps.items()}
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()  # warm-up: optimizer states exist, kernels compiled
+            _sync(device)
+            first_step[name] = time.perf_counter() - start
+            _reset_peak(device)
+            step()
+            _sync(device)
+            memory[name] = _peak_bytes(device)
+        # each kind gets its share of the time left to the part
+        share = (deadline - time.perf_counter()) / max(1, len(kinds) - i)
+        times.update(_timed(steps, repeats, device, time.perf_counter() + share))
+        del model, steps
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["peak_memory_gib"] = {k: None if v is None else v / 2**30 for k, v in memory.items()}
+    out["first_step_seconds"] = first_step
+    out["repeats"] = {k: len(v) for k, v in times.items()}
+    # the first timed run is dropped where there are enough (allocator and clocks settling)
     median = {k: statistics.median(v[1:] if len(v) > 2 else v) for k, v in times.items()}
     out["seconds"] = median
+    out["min_seconds"] = {k: min(v) for k, v in times.items()}
+    if "lora_step" not in median:
+        return out
     lora = median["lora_step"]
+    if "lora_step_again" in median:
+        out["lora_drift"] = median["lora_step_again"] / lora
+    if memory.get("lora_step"):
+        out["memory_ratio"] = {
+            k: v / memory["lora_step"]
+            for k, v in memory.items()
+            if not k.startswith("lora_step") and v is not None
+        }
     out["time_ratio"] = {}
     for suffix in ("", "_eager_kl"):
+        if f"abmll_inner_step{suffix}" not in median:
+            continue
         out["time_ratio"].update(
             {
                 f"inner_step{suffix}": median[f"abmll_inner_step{suffix}"] / lora,
@@ -228,17 +278,30 @@ def paper_step(device, dtype, shape: dict, tokens: int, repeats: int, inner_step
 # ----------------------------------------------------------------------- parts 2 and 3
 
 
-def _tune(recipe: str, config: str, overrides: list[str], log: Path) -> tuple[int, float]:
-    from abmll_tune.sweep import recipe_module
+def _tune(
+    recipe: str, config: str, overrides: list[str], log: Path, deadline: float
+) -> tuple[int, float]:
+    """One ``tune run`` in a subprocess, stopped (exit 124) if it would pass ``deadline``."""
+    from abmll_tune.sweep import recipe_module, tune_command
 
-    tune = shutil.which("tune", path=str(Path(sys.executable).parent)) or "tune"
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": ""}
     start = time.perf_counter()
+    cmd = [*tune_command(), "run", recipe_module(recipe), "--config", config, *overrides]
     with open(log, "a") as f:
-        cmd = [tune, "run", recipe_module(recipe), "--config", config, *overrides]
         f.write("+ " + " ".join(cmd) + "\n")
         f.flush()
-        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        try:
+            code = subprocess.run(
+                cmd,
+                cwd=REPO,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=max(1.0, deadline - start),
+            ).returncode
+        except subprocess.TimeoutExpired:
+            f.write("[gpu_check] stopped: the budget ran out\n")
+            code = 124
     return code, time.perf_counter() - start
 
 
@@ -249,7 +312,11 @@ def _embedded(work: Path) -> list[str]:
     from abmll_tune.embedded.suite import generate_suite, llama3_tokenizer
 
     generate_suite(work / "src")
-    build_split("embedded", work / "src", work / "split", BuildOptions())
+    build_split(
+        BuildOptions(split="embedded", source=str(work / "src"), out=str(work / "split")),
+        progress=False,
+        log=lambda *_: None,
+    )
     tok = work / "src" / "tokenizer"
     write_tiny_checkpoint(
         work / "backbone",
@@ -274,16 +341,31 @@ def _finite_nll(run: Path) -> bool:
     return bool(values) and all(v == v and abs(v) < 1e6 for v in values)
 
 
-def recipes_on_device(device: str, dtype: str, work: Path, common: list[str], log: Path) -> dict:
-    """Part 2: meta-train, stop, resume, evaluate: the real recipes on ``device``."""
+# The paper configs' training paths (configs/llama3_8b_*.yaml: activation checkpointing,
+# torchtune's chunked cross-entropy; compile is the recipes' option for them), applied to
+# the tiny config on the device. The CPU smoke leaves compile out (minutes of inductor on
+# two cores; tests/test_training_paths.py checks it on the CPU).
+PAPER_PATHS = [
+    "enable_activation_checkpointing=true",
+    "loss._component_=torchtune.modules.loss.CEWithChunkedOutputLoss",
+]
+
+
+def recipes_on_device(
+    device: str, dtype: str, work: Path, common: list[str], log: Path, deadline: float
+) -> dict:
+    """Part 2: meta-train, stop, resume, evaluate: the real recipes on ``device`` with the
+    paper configs' training paths."""
     run = work / "recipe_run"
-    train = [f"output_dir={run}", f"device={device}", f"dtype={dtype}", "epochs=1"]
+    paths = [*PAPER_PATHS, *(["compile=true"] if device == "cuda" else [])]
+    train = [f"output_dir={run}", f"device={device}", f"dtype={dtype}", "epochs=1", *paths]
     train += ["validation.max_tasks=2", "save_every_n_visits=2", *common]
     first, t1 = _tune(
         "abmll_meta_single_device",
         "configs/tiny_cpu_abmll.yaml",
         [*train, "stop_after_visits=4"],
         log,
+        deadline,
     )
     latest = run / "checkpoints" / "latest"
     written = (latest / "adapters.safetensors").is_file()
@@ -293,6 +375,7 @@ def recipes_on_device(device: str, dtype: str, work: Path, common: list[str], lo
         "configs/tiny_cpu_abmll.yaml",
         [*train, "stop_after_visits=8", "resume_from_checkpoint=true"],
         log,
+        deadline,
     )
     after = json.loads((latest / "meta.json").read_text()) if written else {}
     evaluated, t3 = _tune(
@@ -308,6 +391,7 @@ def recipes_on_device(device: str, dtype: str, work: Path, common: list[str], lo
             *common,
         ],
         log,
+        deadline,
     )
     results = work / "recipe_eval" / "results.json"
     ok = (
@@ -326,6 +410,7 @@ def recipes_on_device(device: str, dtype: str, work: Path, common: list[str], lo
         accuracy = next(iter(metrics.values()))["summary"]["accuracy"]["mean"]
     return {
         "ok": ok,
+        "paths": paths,
         "exit_codes": [first, resumed, evaluated],
         "seconds": [t1, t2, t3],
         "checkpoint_visits": [
@@ -359,7 +444,8 @@ def method_comparison(
     eval_tasks: int | None,
     methods: tuple[str, ...] = METHODS_COMPARED,
 ) -> dict:
-    """Part 3: ABMLL, Reptile, Regular LoRA, ``seeds`` each, as far as the deadline allows."""
+    """Part 3: ABMLL, Reptile, Regular LoRA, ``seeds`` each, as far as the deadline allows
+    (seed by seed, so that what finishes is whole seeds of every method first)."""
     rows, skipped = [], []
     for seed in seeds:
         for method in methods:
@@ -376,12 +462,12 @@ def method_comparison(
                     f"device={device}",
                     f"dtype={dtype}",
                     f"seed={seed}",
-                    "epochs=1",
                     f"stop_after_visits={visits}",
                     "~validation",
                     *common,
                 ],
                 log,
+                deadline,
             )
             row = {"method": method, "seed": seed, "train_exit": code, "train_seconds": seconds}
             if code == 0:
@@ -398,7 +484,7 @@ def method_comparison(
                 if eval_tasks:
                     evaluation.append(f"evaluation.max_tasks={eval_tasks}")
                 code, seconds = _tune(
-                    "evaluate_few_shot", f"configs/{prefix}_eval.yaml", evaluation, log
+                    "evaluate_few_shot", f"configs/{prefix}_eval.yaml", evaluation, log, deadline
                 )
                 row.update(eval_exit=code, eval_seconds=seconds)
                 results = run / "eval" / "results.json"
@@ -410,28 +496,104 @@ def method_comparison(
     return {"visits_per_run": visits, "runs": rows, "skipped": skipped}
 
 
+# what the project imports, from the kit or from the image: reported by every run
+REPORTED_DISTRIBUTIONS = (
+    "abmll-tune",
+    "torchtune",
+    "torchao",
+    "torchdata",
+    "omegaconf",
+    "datasets",
+    "dill",
+    "multiprocess",
+    "kagglehub",
+    "kagglesdk",
+    "huggingface-hub",
+    "fsspec",
+    "pyarrow",
+    "numpy",
+    "safetensors",
+    "sentencepiece",
+    "tiktoken",
+    "tokenizers",
+    "pyyaml",
+    "tqdm",
+    "triton",
+)
+
+
+def environment(device: torch.device) -> dict:
+    """Python, torch, the device and every distribution the project imports (version and
+    folder): what a lent machine's image and the kit actually gave this run."""
+    import importlib.metadata as metadata
+
+    import torchtune
+
+    import abmll_tune
+
+    versions = {}
+    for name in REPORTED_DISTRIBUTIONS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    package = Path(abmll_tune.__file__).resolve().parent
+    env = {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "versions": versions,
+        "abmll_tune_from": str(package),
+        # the check must run the installed package (abmll_tune.recipes exists only there)
+        "abmll_tune_is_checkout": package == REPO / "abmll_tune",
+        "torchtune_from": str(Path(torchtune.__file__).resolve().parent),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            device_name=props.name,
+            device_memory_gib=props.total_memory / 2**30,
+            multiprocessors=props.multi_processor_count,
+        )
+    return env
+
+
 def _table(report: dict) -> str:
     lines = []
+    env = report.get("environment")
+    if env and "versions" in env:
+        lines.append(
+            f"environment: python {env['python']}, torch {env['torch']} (cuda {env['cuda']}), "
+            f"{env.get('device_name', 'cpu')}; abmll_tune from {env['abmll_tune_from']}"
+        )
     step = report.get("paper_step")
-    if step:
+    if step and "seconds" in step:
         lines.append(f"paper step ({step['device']}, {step['dtype']}, batch {step['batch']}):")
+        lines.append(f"  {'':<38} {'median ms':>10} {'min ms':>9} {'first ms':>10} {'peak':>10}")
         for name, seconds in step["seconds"].items():
             gib = step["peak_memory_gib"].get(name)
-            mem = f"{gib:8.2f} GiB" if gib is not None else "      n/a"
-            lines.append(f"  {name:<30} {seconds * 1000:10.1f} ms {mem}")
-        lines.append(
-            "  time ratios to LoRA: "
-            + ", ".join(f"{k} {v:.3f}x" for k, v in step["time_ratio"].items())
-        )
+            mem = f"{gib:6.2f} GiB" if gib is not None else "       n/a"
+            lines.append(
+                f"  {name:<38} {seconds * 1000:10.1f} {step['min_seconds'][name] * 1000:9.1f} "
+                f"{step['first_step_seconds'][name] * 1000:10.1f} {mem}"
+            )
+        if step.get("time_ratio"):
+            lines.append(
+                "  time ratios to LoRA: "
+                + ", ".join(f"{k} {v:.3f}x" for k, v in step["time_ratio"].items())
+            )
         if "memory_ratio" in step:
             lines.append(
                 "  memory ratios to LoRA: "
                 + ", ".join(f"{k} {v:.3f}x" for k, v in step["memory_ratio"].items())
             )
+        if "lora_drift" in step:
+            lines.append(f"  LoRA measured again last: {step['lora_drift']:.3f}x the first")
     rec = report.get("recipes")
-    if rec:
+    if rec and "ok" in rec:
         lines.append(
-            f"recipes: {'ok' if rec['ok'] else 'FAILED'} (exit codes {rec['exit_codes']}, visits {rec['checkpoint_visits']}, eval accuracy {rec['eval_accuracy']})"
+            f"recipes: {'ok' if rec['ok'] else 'FAILED'} (paths {' '.join(rec['paths'])}; exit codes {rec['exit_codes']}, visits {rec['checkpoint_visits']}, eval accuracy {rec['eval_accuracy']})"
         )
     methods = report.get("methods")
     if isinstance(methods, dict) and methods.get("runs"):
@@ -448,16 +610,54 @@ def _table(report: dict) -> str:
             )
         if methods["skipped"]:
             lines.append(f"  skipped (budget): {', '.join(methods['skipped'])}")
-    elif methods:
+    elif isinstance(methods, str):
         lines.append(f"methods: {methods}")
+    for part in PARTS:
+        if isinstance(report.get(part), dict) and "error" in report[part]:
+            lines.append(f"{part}: ERROR {report[part]['error']}")
+    if report.get("interrupted"):
+        lines.append(f"interrupted ({report['interrupted']}): the parts above are what finished")
     return "\n".join(lines)
+
+
+PARTS = ("environment", "paper_step", "recipes", "methods")
+
+
+def _write(report: dict, out: Path) -> None:
+    """The report so far, atomically: a run stopped at any point leaves whole parts."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(out)
+
+
+def _part(report: dict, name: str, out: Path, run) -> None:
+    """Run one part; its result, or its error and traceback, goes into the report, which is
+    written at once. An error ends only its own part; an interrupt ends the check."""
+    start = time.perf_counter()
+    try:
+        report[name] = run()
+    except Exception as error:  # noqa: BLE001 - recorded, and the next part still runs
+        report[name] = {
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
+    finally:
+        report.setdefault("part_seconds", {})[name] = time.perf_counter() - start
+        _write(report, out)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU")
-    parser.add_argument("--budget-s", type=float, default=480.0)
+    parser.add_argument(
+        "--budget-s", type=float, default=480.0, help="seconds for the whole check (default 8 min)"
+    )
     parser.add_argument("--smollm2-dir", default="outputs/smollm2_135m_hf")
     parser.add_argument("--cls45-dir", default="data/cls45_cpu")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -465,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         "--embedded",
         nargs=3,
         metavar=("SUITE", "SPLIT", "BACKBONE"),
-        help="reuse an embedded suite, its built split and a tiny backbone (the tests do)",
+        help="reuse an embedded suite, its built split and a tiny backbone",
     )
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -475,24 +675,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(
             2, "error: no CUDA device; run with --cpu-smoke to check the script on the CPU\n"
         )
+    # a timeout's SIGTERM ends the check like Ctrl-C: the finished parts stay in the JSON
+    signal.signal(signal.SIGTERM, _interrupt)
     device = torch.device("cpu" if smoke else "cuda")
     report: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "mode": "cpu-smoke" if smoke else "gpu",
         "device_name": "cpu" if smoke else torch.cuda.get_device_name(0),
         "torch": torch.__version__,
+        "budget_s": args.budget_s,
     }
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     log = work / "recipes.log"
     out = Path(args.out)
+    dtype = "fp32" if smoke else "bf16"
     try:
-        report["paper_step"] = paper_step(
-            device,
-            torch.float32 if smoke else torch.bfloat16,
-            TINY if smoke else LLAMA3_8B,
-            tokens=32 if smoke else 512,
-            repeats=3 if smoke else 6,
-            inner_steps=2 if smoke else 5,
+        _part(report, "environment", out, lambda: environment(device))
+        # part 1 may take at most 45% of the budget (its compilation time is not known ahead)
+        _part(
+            report,
+            "paper_step",
+            out,
+            lambda: paper_step(
+                device,
+                torch.float32 if smoke else torch.bfloat16,
+                TINY if smoke else LLAMA3_8B,
+                tokens=32 if smoke else 512,
+                repeats=3 if smoke else 6,
+                inner_steps=2 if smoke else 5,
+                deadline=start + 0.45 * args.budget_s,
+            ),
         )
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -507,12 +719,16 @@ def main(argv: list[str] | None = None) -> int:
             ]
         else:
             common = _embedded(work / "embedded")
-        dtype = "fp32" if smoke else "bf16"
-        report["recipes"] = recipes_on_device(device.type, dtype, work, common, log)
+        _part(
+            report,
+            "recipes",
+            out,
+            lambda: recipes_on_device(device.type, dtype, work, common, log, deadline),
+        )
         smollm2 = Path(args.smollm2_dir) / "model.safetensors"
         cls45 = Path(args.cls45_dir) / "manifest.json"
         if smoke:  # the same code path on the embedded suite (two methods: the test's time)
-            report["methods"] = method_comparison(
+            methods = lambda: method_comparison(  # noqa: E731
                 "cpu",
                 "fp32",
                 "tiny_cpu",
@@ -529,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
             remaining = deadline - time.perf_counter()
             visits = max(4, int(remaining / 9 / 3))  # about 3 s per visit and evaluation share
             smol = [f"data.path={Path(args.cls45_dir).resolve()}"]
-            report["methods"] = method_comparison(
+            methods = lambda: method_comparison(  # noqa: E731
                 "cuda",
                 "bf16",
                 "smollm2_135m_cls45",
@@ -541,28 +757,43 @@ def main(argv: list[str] | None = None) -> int:
                 visits,
                 None,
             )
-        else:
-            report["methods"] = (
-                f"skipped: {smollm2} or {cls45} missing (make smollm2; python -m abmll_tune.data "
-                "build --split cls45 ...)"
+        else:  # the tiny suite in fp32 (the CPU demo's numbers), seeds as the budget allows
+            methods = lambda: method_comparison(  # noqa: E731
+                "cuda",
+                "fp32",
+                "tiny_cpu",
+                common,
+                work / "methods",
+                log,
+                deadline,
+                [0, 1, 2],
+                80,
+                None,
             )
+        _part(report, "methods", out, methods)
+    except KeyboardInterrupt as stop:
+        report["interrupted"] = str(stop) or "SIGINT"
     finally:
         report["seconds"] = time.perf_counter() - start
         if log.is_file():
             report["recipes_log_tail"] = log.read_text()[-4000:]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2, default=str))
-        tmp.replace(out)
+            shutil.copy(log, out.with_name(out.stem + "_recipes.log"))
+        _write(report, out)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(_table(report))
     print(f"wrote {out} in {report['seconds']:.0f} s")
-    ok = report["recipes"]["ok"] and (
-        not isinstance(report["methods"], dict)
-        or all(r.get("eval_exit") == 0 for r in report["methods"]["runs"])
+    return 0 if _passed(report) else 1
+
+
+def _passed(report: dict) -> bool:
+    methods = report.get("methods")
+    return (
+        not report.get("interrupted")
+        and all(isinstance(report.get(p), dict) and "error" not in report[p] for p in PARTS)
+        and report["recipes"]["ok"]
+        and all(r.get("eval_exit") == 0 for r in methods["runs"])
     )
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """Shared test helpers: running torchtune's `tune run` CLI in-process and reading its logs."""
 
 import re
-import runpy
 import shutil
 import sys
 from pathlib import Path
 from unittest.mock import patch
 
+from torchtune._cli.tune import main as tune_main
+
 REPO = Path(__file__).resolve().parents[1]
-TUNE = shutil.which("tune", path=str(Path(sys.executable).parent))
+TUNE = shutil.which("tune", path=str(Path(sys.executable).parent))  # for subprocess tests
 
 
 def tune_run(recipe: str, config: str, *overrides: str, capsys=None) -> tuple[int, str, str]:
@@ -18,7 +19,7 @@ def tune_run(recipe: str, config: str, *overrides: str, capsys=None) -> tuple[in
     code = 0
     with patch.object(sys, "argv", argv):
         try:
-            runpy.run_path(TUNE, run_name="__main__")
+            tune_main()  # the `tune` script's own entry point, wherever torchtune is installed
         except SystemExit as exit_:
             code = exit_.code or 0
     out, err = capsys.readouterr() if capsys else ("", "")

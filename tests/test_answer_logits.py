@@ -82,3 +82,37 @@ def test_chunked_output_loss_and_chunked_models_give_the_same_answer_loss(model,
             model.set_num_output_chunks(0)
     torch.testing.assert_close(chunked_loss, plain)
     torch.testing.assert_close(chunked_model, plain)
+
+
+class _DeviceProbe(torch.nn.Module):
+    """A model whose parameters live on the meta device; its forward records where the
+    tokens it was given live, then stops the objective (nothing else is needed)."""
+
+    class Stop(Exception):
+        pass
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, device="meta"))
+        self.seen = []
+
+    def forward(self, tokens):
+        self.seen.append((tokens.device, self.unembed is not None))
+        raise self.Stop
+
+
+@pytest.mark.parametrize("objective", ["answer_nll", "answer_logits", "option_probabilities"])
+def test_objectives_run_the_model_on_batches_moved_to_its_device(batch, objective):
+    # batches are collated on the CPU; on a GPU the model is elsewhere (the first GPU run
+    # failed in every recipe with "index is on cpu, different from other tensors on cuda:0")
+    fn = {
+        "answer_nll": answer_nll,
+        "answer_logits": answer_logits,
+        "option_probabilities": option_probabilities,
+    }[objective]
+    probe = _DeviceProbe()
+    probe.unembed = None
+    with pytest.raises(_DeviceProbe.Stop):
+        fn(probe, batch)
+    assert probe.seen == [(torch.device("meta"), True)]
+    assert batch["tokens"].device.type == "cpu"  # the caller's batch is left as it was

@@ -101,11 +101,17 @@ def test_training_path_agrees_with_the_plain_path(
 def test_bf16_trains_with_finite_losses_near_fp32(plain, embedded_overrides, tmp_path, caplog):
     nll, adapters, _ = _run(tmp_path, "bf16", embedded_overrides, ["dtype=bf16"])
     ref_nll, ref_adapters, _ = plain
+    print(f"bf16 NLL {nll} fp32 NLL {ref_nll} torch {torch.__version__}")  # -rA shows it
     assert "bf16 on the CPU is about 30x slower" in caplog.text  # a warning, the run goes on
     assert len(nll) == 3 and all(v == v and abs(v) < 1e3 for v in nll)
     # bf16 keeps 8 bits of mantissa (relative rounding 4e-3 per operation), amplified by
-    # Adam's steps: losses of about 6.6 agree to within 1.5% (measured: at most 0.067)
-    assert max(abs(a - b) for a, b in zip(nll, ref_nll, strict=True)) < 0.1, (nll, ref_nll)
+    # Adam's steps from visit to visit. Measured |bf16 - fp32| per visit (losses ~6.6):
+    # torch 2.13 (this CPU) 0.017, 0.051, 0.079; torch 2.11 (the lent H100 machine's CPU,
+    # bench/run_on_device.sh, 2026-12-05) 0.030, 0.075, 0.154. The first visit is one
+    # visit's rounding; later ones hold Adam's amplification, which differs between torch
+    # versions' bf16 kernels, hence the wider bound
+    diffs = [abs(a - b) for a, b in zip(nll, ref_nll, strict=True)]
+    assert diffs[0] < 0.05 and max(diffs) < 0.25, (nll, ref_nll)
     # the adapters themselves drift apart (measured: 13% of one layer's entries by more
     # than 1e-2): finite, in bf16, of the same names and shapes
     assert all(v.dtype == torch.bfloat16 and bool(v.isfinite().all()) for v in adapters.values())
