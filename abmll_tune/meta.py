@@ -174,8 +174,21 @@ class MetaLearner:
         """The method's outer (global) update; ``query`` is its extra batch, if any."""
         return self.method.outer_step(self, query)
 
-    def train_task(self, visit: TaskVisit) -> dict[str, float]:
-        """begin_task, K inner steps, the outer step; returns the visit's metrics."""
+    def inner_diagnostics(self, batch: dict) -> dict[str, float]:
+        """The method's measurements of ``batch`` as the next inner step would see it,
+        under a forked RNG: the posterior noise they draw leaves training unchanged."""
+        set_trainable_scope(self.model, self.scope)
+        set_adapter_mode(self.model, self.method.train_mode)
+        with torch.random.fork_rng(devices=[]):  # the noise seeds come from the CPU RNG
+            out = self.method.inner_diagnostics(self.model, batch, self.loss_fn)
+        self.model.zero_grad(set_to_none=True)
+        return out
+
+    def train_task(self, visit: TaskVisit, diagnose: bool = False) -> dict[str, float]:
+        """begin_task, K inner steps, the outer step; returns the visit's metrics (with
+        the method's :meth:`inner_diagnostics` of the last inner step's first batch, taken
+        just before that step, when ``diagnose``: at the first step phi = theta, where a
+        KL between them has no gradient)."""
         start = time.perf_counter()
         self.model.train()
         self.begin_task()
@@ -185,7 +198,14 @@ class MetaLearner:
                 f"a visit must bring {self.batches_per_task} batches, got {len(visit.batches)}"
             )
         n_inner = len(visit.batches) // g - int(self.method.uses_query_batch)
-        inner = [self.inner_step(visit.batches[i * g : (i + 1) * g]) for i in range(n_inner)]
+        inner, diagnostics = [], {}
+        for i in range(n_inner):
+            batches = visit.batches[i * g : (i + 1) * g]
+            if diagnose and i == n_inner - 1:  # not counted in the visit's time
+                d_start = time.perf_counter()
+                diagnostics = self.inner_diagnostics(batches[0])
+                start += time.perf_counter() - d_start
+            inner.append(self.inner_step(batches))
         metrics = {
             "nll": sum(m["nll"] for m in inner) / len(inner),
             "nll_first": inner[0]["nll"],
@@ -193,6 +213,7 @@ class MetaLearner:
         }
         metrics.update({k: v for k, v in inner[-1].items() if k != "nll"})
         metrics.update(self.outer_step(visit.batches[n_inner * g :]))
+        metrics.update(diagnostics)
         tokens = sum(b["tokens"].numel() for b in visit.batches)  # processed, padding included
         metrics["seconds"] = time.perf_counter() - start
         metrics["tokens_per_second"] = tokens / metrics["seconds"]

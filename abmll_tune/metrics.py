@@ -114,6 +114,12 @@ def pad_probs(rows: Sequence[Sequence[float]]) -> np.ndarray:
     return out
 
 
+def format_mean_se(m: dict) -> str:
+    """``mean +- se``, or ``mean +- n/a`` for a single seed (whose SE is no measurement)."""
+    se = "n/a" if m.get("n", 2) < 2 else f"{m['se']:.3f}"
+    return f"{m['mean']:.3f} +- {se}"
+
+
 def mean_and_se(values: Iterable[float]) -> tuple[float, float]:
     """Mean and standard error (sample std / sqrt(n); 0 for a single value)."""
     v = np.asarray(list(values), dtype=np.float64)
@@ -143,7 +149,10 @@ def summarize(predictions: Iterable[dict]) -> dict:
             for seed, tasks in per_task.items()
         }
         over_seeds = {
-            m: dict(zip(("mean", "se"), mean_and_se(v[m] for v in macro.values()), strict=True))
+            m: dict(
+                zip(("mean", "se"), mean_and_se(v[m] for v in macro.values()), strict=True),
+                n=len(macro),  # seeds: one seed has no standard error (shown as n/a)
+            )
             for m in METRICS
         }
         out[f"{variant}@{prune:g}"] = {

@@ -61,6 +61,13 @@ class RecipeSettings:
     enable_activation_checkpointing: bool = setting(False, doc="recompute layers in backward")
     compile: bool = setting(False, doc="torch.compile the model (torchtune's compile_model)")
     log_every_n_visits: int = setting(1, doc="metric logging interval", minimum=1)
+    diagnostics_every_n_visits: int | None = setting(
+        10,
+        doc="every N visits (the first included), the method's measurements of the visit's "
+        "first batch before its inner steps, logged with it (ABMLL: `kl_pull/...`, the share "
+        "of the inner gradient that comes from beta KL; docs/method.md); null: off",
+        minimum=1,
+    )
     log_peak_memory_stats: bool = setting(True, doc="log peak GPU memory (CPU: peak RSS)")
     peft_base_model: str | None = setting(
         None,

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from abmll_tune.io import atomic_write_text
-from abmll_tune.metrics import pad_probs, reliability
+from abmll_tune.metrics import format_mean_se, pad_probs, reliability
 
 RESULTS_FORMAT = "abmll-tune-results"
 
@@ -100,7 +100,7 @@ def _label(r: dict, results: list[dict]) -> str:
 
 
 def _fmt(m: dict) -> str:
-    return f"{m['mean']:.3f} +- {m['se']:.3f}"
+    return format_mean_se(m)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:

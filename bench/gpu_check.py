@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -496,30 +497,23 @@ def method_comparison(
     return {"visits_per_run": visits, "runs": rows, "skipped": skipped}
 
 
-# what the project imports, from the kit or from the image: reported by every run
-REPORTED_DISTRIBUTIONS = (
-    "abmll-tune",
-    "torchtune",
-    "torchao",
-    "torchdata",
-    "omegaconf",
-    "datasets",
-    "dill",
-    "multiprocess",
-    "kagglehub",
-    "kagglesdk",
-    "huggingface-hub",
-    "fsspec",
-    "pyarrow",
-    "numpy",
-    "safetensors",
-    "sentencepiece",
-    "tiktoken",
-    "tokenizers",
-    "pyyaml",
-    "tqdm",
-    "triton",
-)
+def _distributions() -> list[str]:
+    """This project and every distribution it and torchtune require (extras left out):
+    what the kit or the image must provide, so what every run reports."""
+    import importlib.metadata as metadata
+
+    names = ["abmll-tune", "torch"]
+    for dist in ("abmll-tune", "torchtune"):
+        try:
+            requires = metadata.requires(dist) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for req in requires:
+            if "extra ==" not in req:
+                name = re.split(r"[\s\[<>=!~;(]", req, maxsplit=1)[0].lower().replace("_", "-")
+                if name not in names:
+                    names.append(name)
+    return names
 
 
 def environment(device: torch.device) -> dict:
@@ -532,7 +526,7 @@ def environment(device: torch.device) -> dict:
     import abmll_tune
 
     versions = {}
-    for name in REPORTED_DISTRIBUTIONS:
+    for name in _distributions():
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -727,49 +721,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         smollm2 = Path(args.smollm2_dir) / "model.safetensors"
         cls45 = Path(args.cls45_dir) / "manifest.json"
+        # (device, dtype, config prefix, overrides, seeds, visits, evaluation tasks, methods)
         if smoke:  # the same code path on the embedded suite (two methods: the test's time)
-            methods = lambda: method_comparison(  # noqa: E731
-                "cpu",
-                "fp32",
-                "tiny_cpu",
-                common,
-                work / "methods",
-                log,
-                deadline,
-                [0],
-                2,
-                2,
-                methods=("abmll", "lora"),
-            )
+            plan = ("cpu", "fp32", "tiny_cpu", common, [0], 2, 2, ("abmll", "lora"))
         elif smollm2.is_file() and cls45.is_file():
             remaining = deadline - time.perf_counter()
             visits = max(4, int(remaining / 9 / 3))  # about 3 s per visit and evaluation share
             smol = [f"data.path={Path(args.cls45_dir).resolve()}"]
-            methods = lambda: method_comparison(  # noqa: E731
-                "cuda",
-                "bf16",
-                "smollm2_135m_cls45",
-                smol,
-                work / "methods",
-                log,
-                deadline,
-                [0, 1, 2],
-                visits,
-                None,
-            )
+            plan = ("cuda", "bf16", "smollm2_135m_cls45", smol, [0, 1, 2], visits, None)
+            plan += (METHODS_COMPARED,)
         else:  # the tiny suite in fp32 (the CPU demo's numbers), seeds as the budget allows
-            methods = lambda: method_comparison(  # noqa: E731
-                "cuda",
-                "fp32",
-                "tiny_cpu",
-                common,
-                work / "methods",
-                log,
-                deadline,
-                [0, 1, 2],
-                80,
-                None,
-            )
+            plan = ("cuda", "fp32", "tiny_cpu", common, [0, 1, 2], 80, None, METHODS_COMPARED)
+        device_name, dtype_name, prefix, overrides, seeds, visits, tasks, names = plan
+        methods = lambda: method_comparison(  # noqa: E731
+            device_name, dtype_name, prefix, overrides, work / "methods", log, deadline,
+            seeds, visits, tasks, methods=names,
+        )  # fmt: skip
         _part(report, "methods", out, methods)
     except KeyboardInterrupt as stop:
         report["interrupted"] = str(stop) or "SIGINT"

@@ -357,13 +357,17 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             )
             busy_seconds, visits = 0.0, 0  # time inside task visits (no checkpoints, no validation)
             for visit in self._sampler.visits(epoch, start):
-                metrics = self._learner.train_task(visit)
+                every_diag = s.diagnostics_every_n_visits  # the same visits on every rank
+                diagnose = bool(every_diag) and self._visits_done % every_diag == 0
+                metrics = self._learner.train_task(visit, diagnose=diagnose)
                 busy_seconds, visits = busy_seconds + metrics["seconds"], visits + 1
                 self._visits_done += 1
                 self._record_visit(visit)
                 progress.update(1)
                 progress.set_postfix(nll=f"{metrics['nll']:.3f}")
-                if self._is_rank_zero and self._visits_done % s.log_every_n_visits == 0:
+                if self._is_rank_zero and (
+                    diagnose or self._visits_done % s.log_every_n_visits == 0
+                ):
                     self._log(visit, metrics)
                 every = s.save_every_n_visits
                 if (every and self._visits_done % every == 0) or self._visits_done == stop_after:

@@ -45,7 +45,7 @@ from abmll_tune.distributed import gather_task_records, init_process_group, laun
 from abmll_tune.evaluation import chance_accuracy, evaluate_tasks
 from abmll_tune.io import atomic_write_json, atomic_write_text
 from abmll_tune.methods import METHODS, Pretrained, method_from_saved_config
-from abmll_tune.metrics import summarize
+from abmll_tune.metrics import format_mean_se, summarize
 from abmll_tune.models.loading import build_model
 from abmll_tune.recipe_config import (
     RecipeConfigError,
@@ -198,12 +198,12 @@ def format_results(results: dict) -> str:
     lines = [
         f"{results['method']} on {results['split']} ({results['part']}, {len(results['tasks'])} tasks, "
         f"seeds {results['settings']['seeds']}); chance {results['chance_accuracy']:.3f}",
-        f"{'variant':<14}{'accuracy':>18}{'ECE':>18}{'NLL':>10}{'Brier':>10}",
+        f"{'variant':<14}{'accuracy':>20}{'ECE':>20}{'NLL':>10}{'Brier':>10}",
     ]
     for key, m in results["metrics"].items():
         acc, ece = m["summary"]["accuracy"], m["summary"]["ece"]
         lines.append(
-            f"{key:<14}{acc['mean']:>11.3f} +- {acc['se']:.3f}{ece['mean']:>11.3f} +- {ece['se']:.3f}"
+            f"{key:<14}{format_mean_se(acc):>20}{format_mean_se(ece):>20}"
             f"{m['summary']['nll']['mean']:>10.3f}{m['summary']['brier']['mean']:>10.3f}"
         )
     return "\n".join(lines)

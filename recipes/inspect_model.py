@@ -5,8 +5,9 @@ checkpointer, and report what the adapters look like.
 
 It checks that a checkpoint fits the model (no missing or unexpected base keys),
 counts frozen and trainable parameters per adapter group, runs one forward in every
-adapter mode on random tokens, evaluates the ELBO's KL and prior terms, and writes
-all of it to ``{output_dir}/inspect.json``. Use it before a long run on a new model.
+adapter mode on random tokens, evaluates the ELBO's KL and prior terms (and, given a
+``kl_pull`` section, the share of the second inner step's gradient that beta KL takes,
+``kl_pull_after_one_step``), and writes all of it to ``{output_dir}/inspect.json``. Use it before a long run on a new model.
 """
 
 from __future__ import annotations
@@ -20,15 +21,20 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 
 from abmll_tune.io import atomic_write_json
+from abmll_tune.methods.abmll import kl_pull
 from abmll_tune.models.loading import build_model
 from abmll_tune.modules import (
     ADAPTER_MODES,
     adapter_mode,
+    adapter_param_groups,
     adapter_params_by_group,
     kl_local_global,
     neg_log_prior_global,
+    reset_local_from_global,
+    set_trainable_scope,
     variational_lora_layers,
 )
+from abmll_tune.objectives import answer_nll
 
 log = utils.get_logger("INFO")
 
@@ -91,7 +97,36 @@ class InspectModelRecipe:
                     prior.get("a0", 1.0),
                     prior.get("b0", 0.01),
                 ).item()
+        pull = cfg.get("kl_pull")
+        if pull is not None and "kl_local_global" in summary:
+            summary["kl_pull_after_one_step"] = self._kl_pull_after_one_step(tokens, pull)
         return summary
+
+    def _kl_pull_after_one_step(self, tokens: torch.Tensor, pull: DictConfig) -> dict:
+        """The KL's pull (:func:`abmll_tune.methods.abmll.kl_pull`) at the second inner
+        step of a task: phi = theta, one AdamW step on NLL + beta KL at the given rates,
+        then the gradient shares of both terms (at phi = theta the KL has no gradient).
+        The task is random tokens answered by a random token at the last position."""
+        model = self._model
+        beta = float(pull.beta)
+        reset_local_from_global(model)
+        set_trainable_scope(model, "local")
+        groups = adapter_param_groups(
+            model, "local", float(pull.inner_lr_mean), float(pull.inner_lr_std)
+        )
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        labels = torch.full_like(tokens, -100)
+        labels[:, -1] = torch.randint_like(tokens[:, -1], model.tok_embeddings.num_embeddings)
+        positions = torch.full((tokens.shape[0],), tokens.shape[1] - 2, device=tokens.device)
+        batch = {"tokens": tokens, "labels": labels, "answer_positions": positions}
+        with adapter_mode(model, "local_sample"):
+            (answer_nll(model, batch) + beta * kl_local_global(model)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            nll = answer_nll(model, batch)
+            out = kl_pull(model, nll, beta * kl_local_global(model))
+        reset_local_from_global(model)
+        return {"beta": beta, **dict(pull), **out}
 
     def save(self, summary: dict) -> Path:
         path = atomic_write_json(self._output_dir / "inspect.json", summary)

@@ -13,6 +13,7 @@ from abmll_tune.metrics import (
     bin_index,
     brier_score,
     expected_calibration_error,
+    format_mean_se,
     maximum_calibration_error,
     mean_and_se,
     negative_log_likelihood,
@@ -117,3 +118,9 @@ def test_summarize_macro_is_the_average_of_tasks_and_seeds_give_se():
     accs = [out["macro"][s]["accuracy"] for s in ("1", "2")]
     assert out["summary"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
     assert out["summary"]["accuracy"]["se"] == pytest.approx(np.std(accs, ddof=1) / math.sqrt(2))
+    assert out["summary"]["accuracy"]["n"] == 2
+    se = out["summary"]["accuracy"]["se"]
+    assert format_mean_se(out["summary"]["accuracy"]) == f"{np.mean(accs):.3f} +- {se:.3f}"
+    one_seed = summarize([r for r in records if r["seed"] == 1])["mean@0"]["summary"]["accuracy"]
+    # a single seed has no standard error: never shown as "+- 0.000"
+    assert one_seed["n"] == 1 and format_mean_se(one_seed) == f"{one_seed['mean']:.3f} +- n/a"

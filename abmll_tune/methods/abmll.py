@@ -41,9 +41,61 @@ from abmll_tune.modules import (
     set_adapter_mode,
     set_trainable_scope,
     sigma_summary,
+    variational_lora_layers,
 )
 from abmll_tune.objectives import ELBOWeights, beta_kl, gamma_prior
 from abmll_tune.settings import setting
+
+
+def kl_pull(model: torch.nn.Module, nll: torch.Tensor, kl_term: torch.Tensor) -> dict[str, float]:
+    """How much of an inner step's gradient on the local factors comes from beta * KL
+    rather than the NLL (Eq. 2's two inner terms), per adapted layer and in total.
+
+    The inner loop trains phi on NLL + beta KL(q || p); where the KL's gradient dominates,
+    the task posterior follows the prior, not the data. Reported (``kl_pull/...``):
+
+    * ``share``: ||g_KL|| / (||g_KL|| + ||g_NLL||) over the layer's local mean and std
+      factors (0: the data alone, 1: the KL alone);
+    * ``kl_dominated``: the fraction of those factor coordinates where |g_KL| > |g_NLL|,
+      the coordinates that an Adam step, which normalises each coordinate, moves in the
+      KL's direction;
+    * ``grad_norm_kl``, ``grad_norm_nll`` (totals only).
+
+    ``nll`` and ``kl_term`` must hold their graphs, which this consumes; neither is stepped.
+    """
+    layers = variational_lora_layers(model)
+    local = adapter_params_by_group(model, "local")
+    names = [n for n, p in local.items() if p.requires_grad]
+    params = [local[n] for n in names]
+    # two graphs that share only the leaves: neither needs retaining (a compiled model's
+    # backward, with donated buffers, refuses retain_graph)
+    g_nll = torch.autograd.grad(nll, params, allow_unused=True)
+    g_kl = torch.autograd.grad(kl_term, params, allow_unused=True)
+    per_layer: dict[str, list[float]] = {prefix: [0.0, 0.0, 0.0, 0.0] for prefix in layers}
+    for name, p, gn, gk in zip(names, params, g_nll, g_kl, strict=True):
+        gn = torch.zeros_like(p) if gn is None else gn.double()
+        gk = torch.zeros_like(p) if gk is None else gk.double()
+        row = per_layer[name.rsplit(".", 1)[0].rsplit(".", 1)[0]]  # ...q_proj.lora_x.weight
+        row[0] += float(gk.square().sum())
+        row[1] += float(gn.square().sum())
+        row[2] += float((gk.abs() > gn.abs()).sum())
+        row[3] += p.numel()
+
+    def share(kl2: float, nll2: float) -> float:
+        kl, nl = kl2**0.5, nll2**0.5
+        return kl / (kl + nl) if kl + nl > 0 else 0.0
+
+    totals = [sum(r[i] for r in per_layer.values()) for i in range(4)]
+    out = {
+        "kl_pull/share": share(totals[0], totals[1]),
+        "kl_pull/kl_dominated": totals[2] / max(totals[3], 1),
+        "kl_pull/grad_norm_kl": totals[0] ** 0.5,
+        "kl_pull/grad_norm_nll": totals[1] ** 0.5,
+    }
+    for prefix, (kl2, nll2, dominated, count) in per_layer.items():
+        out[f"kl_pull/share/{prefix}"] = share(kl2, nll2)
+        out[f"kl_pull/kl_dominated/{prefix}"] = dominated / max(count, 1)
+    return out
 
 
 @dataclass(frozen=True)
@@ -124,6 +176,10 @@ class ABMLL(TaskAdaptiveMethod):
         nll = self.nll(model, batch, loss_fn)
         kl_term = beta_kl(model, self.elbo)
         return nll + kl_term, nll, {"beta_kl": float(kl_term.detach())}
+
+    def inner_diagnostics(self, model, batch, loss_fn):
+        nll = self.nll(model, batch, loss_fn)
+        return kl_pull(model, nll, beta_kl(model, self.elbo))
 
     def clip_grads(self, model, scope):
         if self.std_grad_clamp is None:

@@ -134,6 +134,13 @@ class Method:
     def clip_grads(self, model: nn.Module, scope: str) -> None:
         """Called after backward, before the optimizer step on ``scope``'s pairs."""
 
+    def inner_diagnostics(
+        self, model: nn.Module, batch: dict, loss_fn: nn.Module | None
+    ) -> dict[str, float]:
+        """Measurements of one inner batch taken without stepping (the recipes log them
+        every ``diagnostics_every_n_visits`` visits); the model is as an inner step sees it."""
+        return {}
+
     def outer_step(self, learner: MetaLearner, query: list[dict]) -> dict[str, float]:
         """After the inner steps of a task; ``query`` is the extra batch, if any."""
         return {}

@@ -13,7 +13,7 @@ Every builder accepts torchtune's LoRA argument names (``lora_attn_modules``,
 ``apply_lora_to_mlp``, ``apply_lora_to_output``, ``lora_rank``, ``lora_alpha``,
 ``lora_dropout``, ``quantize_base``) plus the ABMLL options of
 :class:`~abmll_tune.modules.VariationalLoRALinear` (``std_param``, ``sampling``,
-``sigma_floor``, ``variational``, ``std_b_init_std``, ``chunk_elements``, ``kl_dtype``, ``kl_kernel``).
+``sigma_floor``, ``sigma_floor_w0_fraction``, ``variational``, ``std_b_init_std``, ``chunk_elements``, ``kl_dtype``, ``kl_kernel``).
 Everything except the adapters is frozen.
 """
 
@@ -67,7 +67,8 @@ def apply_variational_lora(
         apply_lora_to_mlp: adapt the MLP's w1, w2, w3.
         apply_lora_to_output: adapt the final projection (not possible with tied embeddings).
         lora_rank, lora_alpha, lora_dropout, quantize_base: as in torchtune's LoRA builders.
-        **abmll_kwargs: ``std_param``, ``sampling``, ``sigma_floor``, ``variational``,
+        **abmll_kwargs: ``std_param``, ``sampling``, ``sigma_floor``,
+            ``sigma_floor_w0_fraction``, ``variational``,
             ``std_b_init_std``, ``chunk_elements``, ``kl_dtype``, ``kl_kernel`` of
             ``VariationalLoRALinear``.
     """
@@ -134,6 +135,7 @@ _ADAPTER_ARGS = (
     "std_param",
     "sampling",
     "sigma_floor",
+    "sigma_floor_w0_fraction",
     "variational",
     "std_b_init_std",
     "chunk_elements",

@@ -97,6 +97,10 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             parameterizes sigma (docs/method.md).
         sampling (str): ``local`` (default), ``weight`` or ``mean`` (docs/method.md).
         sigma_floor (float): c, the std floor; sigma = c while B = 0. Default e^-20 (v1).
+            With ``exp``, c is the std's base scale: sigma = c exp(s B A).
+        sigma_floor_w0_fraction (float): c as this fraction of the RMS of the layer's
+            frozen W0, taken once the base weights are loaded (overrides
+            ``sigma_floor``; docs/method.md "A std of the right scale"). Default None.
         variational (bool): if False the std pairs are not created (Reptile, LoRA
             baselines); ``sampling`` must then be ``mean``. Default True.
         std_b_init_std (float): standard deviation of the std pairs' B at init. LoRA's
@@ -129,6 +133,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         std_param: str = "softabs",
         sampling: str = "local",
         sigma_floor: float = DEFAULT_SIGMA_FLOOR,
+        sigma_floor_w0_fraction: float | None = None,
         variational: bool = True,
         std_b_init_std: float = 0.0,
         chunk_elements: int = gaussian.DEFAULT_CHUNK_ELEMENTS,
@@ -153,13 +158,21 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             )
         if not sigma_floor > 0:
             raise ValueError(f"sigma_floor must be > 0, got {sigma_floor}")
+        if sigma_floor_w0_fraction is not None and not sigma_floor_w0_fraction > 0:
+            raise ValueError(
+                f"sigma_floor_w0_fraction must be > 0 (or null), got {sigma_floor_w0_fraction}"
+            )
         if not quantize_base and any(v for v in quantization_kwargs.values()):
             raise ValueError(
                 f"quantize_base is False, but quantization arguments were given: {quantization_kwargs}"
             )
         self.in_dim, self.out_dim, self.rank, self.alpha = in_dim, out_dim, rank, alpha
         self.use_bias = use_bias
-        self.std_param, self.sampling, self.sigma_floor = std_param, sampling, float(sigma_floor)
+        self.std_param, self.sampling = std_param, sampling
+        self._sigma_floor = float(sigma_floor)
+        self.sigma_floor_w0_fraction = (
+            None if sigma_floor_w0_fraction is None else float(sigma_floor_w0_fraction)
+        )
         self.variational = variational
         self.std_b_init_std = float(std_b_init_std)
         self.chunk_elements = chunk_elements
@@ -279,11 +292,24 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
                 local = getattr(self, _name("local", kind, ab)).weight
                 local.copy_(getattr(self, _name("global", kind, ab)).weight)
 
+    @property
+    def sigma_floor(self) -> float:
+        """c: ``sigma_floor``, or ``sigma_floor_w0_fraction`` x RMS(W0) (population std of
+        the frozen weight, cached per weight version, pinned under FSDP)."""
+        if self.sigma_floor_w0_fraction is None:
+            return self._sigma_floor
+        return self.sigma_floor_w0_fraction * math.sqrt(self.pretrained_weight_variance())
+
     def extra_repr(self) -> str:
+        floor = (
+            f"sigma_floor={self._sigma_floor:.3g}"
+            if self.sigma_floor_w0_fraction is None
+            else f"sigma_floor={self.sigma_floor_w0_fraction:g} x RMS(W0)"
+        )
         return (
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, alpha={self.alpha}, "
             f"std_param={self.std_param}, sampling={self.sampling}, "
-            f"sigma_floor={self.sigma_floor:.3g}, variational={self.variational}, mode={self.mode}"
+            f"{floor}, variational={self.variational}, mode={self.mode}"
         )
 
     @property

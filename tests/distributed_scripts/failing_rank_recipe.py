@@ -14,12 +14,12 @@ from recipes.abmll_meta_single_device import run
 _train_task = MetaLearner.train_task
 
 
-def _failing_train_task(self, visit):
+def _failing_train_task(self, visit, **kwargs):
     import torch.distributed as dist
 
     if dist.get_rank() == 1 and visit.position >= 2:
         raise RuntimeError("injected failure on rank 1")
-    return _train_task(self, visit)
+    return _train_task(self, visit, **kwargs)
 
 
 @record
