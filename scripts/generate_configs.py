@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SPLITS = ("cls45", "cls23", "nli", "para", "mcqa")
 SIGMA_FLOOR = 2.061153622438558e-09  # e^-20 (v1)
-# The tiny CPU configs' std: sigma = c exp(s B A) with c = 0.1 x RMS(W0), chosen on the
-# validation tasks (bench/bench_kl_scale.py; docs/method.md "A std of the right scale")
+# The CPU configs' std (tiny and SmolLM2): sigma = c exp(s B A) with c = 0.1 x RMS(W0),
+# chosen on validation tasks (bench/bench_kl_scale.py and SmolLM2 on cls45; docs/method.md
+# "A std of the right scale")
 TINY_SIGMA_W0_FRACTION = 0.1
 # Paper-scale ABMLL: B_std ~ N(0, 2e-2^2) at init leaves 1.8% of a 4096 x 4096 layer's
 # entries with beta / sigma_p^2 > 1 at v1's beta (2.6% at 70B's 8192 x 8192; 35% at 1e-3,
@@ -227,7 +228,11 @@ def build(
     if smollm2:
         model = _model_section(SMOLLM2["model"], method, overrides)
         if model["variational"]:
-            model["std_b_init_std"] = 0.001  # off softabs' stationary point B_std = 0
+            model["std_b_init_std"] = 0.001
+            if "std_param" not in overrides:  # as the tiny configs (measured on cls45 too)
+                model["std_param"] = "exp"
+                del model["sigma_floor"]
+                model["sigma_floor_w0_fraction"] = TINY_SIGMA_W0_FRACTION
         tokenizer = dict(SMOLLM2["tokenizer"])
         checkpointer = SMOLLM2["checkpointer"]
         data_path = SMOLLM2["data"]
