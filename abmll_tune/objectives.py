@@ -70,11 +70,14 @@ def on_model_device(model: nn.Module, batch: dict) -> dict:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def answer_logits(model: nn.Module, batch: dict) -> Tensor:
-    """``(B, vocab)`` float logits at each question's answer position (see :func:`output_at`)."""
-    batch = on_model_device(model, batch)
+def _logits_at_answers(model: nn.Module, batch: dict) -> Tensor:
     with output_at(model, batch["answer_positions"]):
         return model(batch["tokens"])
+
+
+def answer_logits(model: nn.Module, batch: dict) -> Tensor:
+    """``(B, vocab)`` float logits at each question's answer position (see :func:`output_at`)."""
+    return _logits_at_answers(model, on_model_device(model, batch))
 
 
 def answer_targets(batch: dict) -> Tensor:
@@ -93,8 +96,8 @@ def answer_nll(model: nn.Module, batch: dict, loss_fn: nn.Module | None = None) 
     ``CEWithChunkedOutputLoss`` (given the answer logits as its single chunk) or any
     ``(logits, targets)`` loss; default: plain CE.
     """
-    batch = on_model_device(model, batch)
-    logits = answer_logits(model, batch)
+    batch = on_model_device(model, batch)  # once: the logits and the targets use it
+    logits = _logits_at_answers(model, batch)
     targets = answer_targets(batch)
     if loss_fn is None:
         return F.cross_entropy(logits, targets, ignore_index=CROSS_ENTROPY_IGNORE_IDX)
