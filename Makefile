@@ -77,12 +77,13 @@ device-rehearsal: install
 	OUT=$(CURDIR)/$(REHEARSAL)/out bash bench/run_on_device.sh --cpu-smoke \
 		--kit $(REHEARSAL)/kit --python $(CURDIR)/$(REHEARSAL)/image/bin/python
 
-DEMO_EVAL = $(BIN)/tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml evaluation.seeds=[100] evaluation.samples=[1]
+# three support seeds: the table shows mean +- SE over them (one seed orders nothing)
+DEMO_EVAL = $(BIN)/tune run recipes/evaluate_few_shot --config configs/tiny_cpu_eval.yaml evaluation.seeds=[100,13,21] evaluation.samples=[1]
 
 demo: data backbone
-	$(BIN)/tune run recipes/abmll_meta_single_device --config configs/tiny_cpu_abmll.yaml
-	$(BIN)/tune run recipes/reptile_single_device --config configs/tiny_cpu_reptile.yaml
-	$(BIN)/tune run recipes/reptile_single_device --config configs/tiny_cpu_structured_lora.yaml
+	$(BIN)/tune run recipes/abmll_meta_single_device --config configs/tiny_cpu_abmll.yaml overwrite_output_dir=true
+	$(BIN)/tune run recipes/reptile_single_device --config configs/tiny_cpu_reptile.yaml overwrite_output_dir=true
+	$(BIN)/tune run recipes/reptile_single_device --config configs/tiny_cpu_structured_lora.yaml overwrite_output_dir=true
 	$(DEMO_EVAL) method=abmll adapter_checkpoint=outputs/tiny_cpu_abmll/checkpoints/best output_dir=outputs/demo_eval/abmll
 	$(DEMO_EVAL) method=reptile adapter_checkpoint=outputs/tiny_cpu_reptile/checkpoints/best output_dir=outputs/demo_eval/reptile
 	$(DEMO_EVAL) method=structured_lora adapter_checkpoint=outputs/tiny_cpu_structured_lora/checkpoints/best output_dir=outputs/demo_eval/structured_lora
@@ -107,7 +108,7 @@ inspect: install
 	$(BIN)/tune run recipes/inspect_model --config configs/tiny_cpu_inspect.yaml
 
 data: install
-	$(BIN)/python -m abmll_tune.data embedded --out outputs/data/embedded_src
+	$(BIN)/python -m abmll_tune.embedded.suite --out outputs/data/embedded_src
 	$(BIN)/python -m abmll_tune.data build --split embedded --source outputs/data/embedded_src --out outputs/data/embedded
 
 smollm2: install

@@ -197,7 +197,11 @@ def evaluate_tasks(
                         p.copy_(snapshot[name])
                 torch.manual_seed(_task_seed(seed, task))
                 support, heldout = data.eval_task(task, seed, settings.part)
-                if settings.adapt_steps:
+                if not settings.adapt_steps:
+                    # scored as adapted from zero examples: the task's local pairs start
+                    # from the global ones, as adaptation would (not the last task's)
+                    adapt_method.begin_task(model)
+                else:
                     learner = MetaLearner(
                         model,
                         adapt_method,

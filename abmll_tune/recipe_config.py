@@ -57,7 +57,18 @@ class RecipeSettings:
     )
     keep_epoch_checkpoints: bool = setting(True, doc="also keep `checkpoints/epoch_N`")
     resume_from_checkpoint: bool = setting(False, doc="continue from `checkpoints/latest`")
+    overwrite_output_dir: bool = setting(
+        False,
+        doc="replace the run already in `output_dir` (its checkpoints, logs and validation "
+        "rows are removed first); without it such a directory is refused",
+    )
     stop_after_visits: int | None = setting(None, doc="stop early (and checkpoint)", minimum=1)
+    early_stopping_patience: int | None = setting(
+        None,
+        doc="stop when validation accuracy has not improved for this many epochs "
+        "(`checkpoints/best` keeps the best); null: run every epoch",
+        minimum=1,
+    )
     enable_activation_checkpointing: bool = setting(False, doc="recompute layers in backward")
     compile: bool = setting(False, doc="torch.compile the model (torchtune's compile_model)")
     log_every_n_visits: int = setting(1, doc="metric logging interval", minimum=1)
@@ -85,6 +96,13 @@ class RecipeSettings:
     )
     fsdp_cpu_offload: bool = setting(False, doc="(distributed) offload the sharded base to the CPU")
     fsdp_reshard_after_forward: bool = setting(True, doc="(distributed) FSDP2 reshard policy")
+
+    def __post_init__(self):
+        if self.resume_from_checkpoint and self.overwrite_output_dir:
+            raise ValueError(
+                "resume_from_checkpoint and overwrite_output_dir: a run either continues the "
+                "one in output_dir or replaces it; set one"
+            )
 
 
 @dataclass(frozen=True)

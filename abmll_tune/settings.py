@@ -7,8 +7,9 @@ A settings class is a dataclass whose fields are declared with :func:`setting`
   "did you mean"), wrong types, values out of range, all problems at once, each
   naming its key;
 * the defaults a recipe fills in (the dataclass's own);
-* the README's settings tables (:func:`settings_table`; ``python -m abmll_tune.settings
-  README.md`` rewrites them between their markers and a test fails when they drift).
+* the README's settings tables (:func:`settings_table`; ``python -m
+  abmll_tune.settings_tables README.md`` rewrites them between their markers and a test
+  fails when they drift).
 
 The recipes' top-level keys (:class:`abmll_tune.recipe_config.RecipeSettings`), every
 method's settings (:mod:`abmll_tune.methods`) and the evaluation section
@@ -17,15 +18,11 @@ method's settings (:mod:`abmll_tune.methods`) and the evaluation section
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
-import re
-import sys
 import types
 import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 _MISSING = dataclasses.MISSING
@@ -182,60 +179,3 @@ def settings_table(cls: type) -> str:
             doc += "; one of " + ", ".join(f"`{c}`" for c in field.metadata["choices"])
         rows.append(f"| `{field.name}` | {_default_text(field)} | {doc} |")
     return "\n".join(rows)
-
-
-def documented_classes() -> dict[str, type]:
-    """Every settings class the README documents, by the name its markers use."""
-    from abmll_tune.evaluation import EvalSettings
-    from abmll_tune.methods import METHODS
-    from abmll_tune.recipe_config import EvalRecipeSettings, RecipeSettings
-
-    classes = {"RecipeSettings": RecipeSettings, "EvalRecipeSettings": EvalRecipeSettings}
-    classes["EvalSettings"] = EvalSettings
-    classes.update({cls.__name__: cls for cls in METHODS.values()})
-    return classes
-
-
-# a block is its opening marker, any table lines, and the closing marker (never across blocks)
-_BLOCK = re.compile(r"(<!-- settings: (\w+) -->\n)((?:(?!<!--).*\n)*?)(<!-- /settings -->)")
-
-
-def render_readme(text: str) -> str:
-    """``text`` with every ``<!-- settings: Name -->`` block replaced by Name's table."""
-    classes = documented_classes()
-
-    def replace(match: re.Match) -> str:
-        name = match.group(2)
-        if name not in classes:
-            raise KeyError(f"README marker names unknown settings class {name!r}")
-        return match.group(1) + settings_table(classes[name]) + "\n" + match.group(4)
-
-    return _BLOCK.sub(replace, text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m abmll_tune.settings",
-        description="Rewrite the settings tables of a Markdown file from the settings classes.",
-    )
-    parser.add_argument("path", nargs="?", default="README.md")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file differs")
-    args = parser.parse_args(argv)
-    path = Path(args.path)
-    text = path.read_text()
-    new = render_readme(text)
-    if args.check:
-        if new != text:
-            print(f"{path}: settings tables are out of date; run python -m abmll_tune.settings")
-            return 1
-        return 0
-    if new != text:
-        from abmll_tune.io import atomic_write_text
-
-        atomic_write_text(path, new)
-        print(f"{path}: settings tables rewritten")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

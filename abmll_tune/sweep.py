@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             training.append(f"method.beta={beta}")
         if (run / "checkpoints" / "latest").is_dir():  # interrupted (or finished): continue
             training.append("resume_from_checkpoint=true")
+        else:  # never checkpointed: start it again
+            training.append("overwrite_output_dir=true")
         _tune("abmll_meta_single_device", args.config, training)  # the recipe of every method
         _tune(
             "evaluate_few_shot",

@@ -36,7 +36,8 @@ def prepare(work: Path) -> list[str]:
     data, backbone = work / "data", work / "backbone"
     if not (data / "embedded" / "manifest.json").is_file():
         py = [sys.executable, "-m", "abmll_tune.data"]
-        subprocess.run([*py, "embedded", "--out", str(data / "src")], check=True, env=env)
+        suite = [sys.executable, "-m", "abmll_tune.embedded.suite"]
+        subprocess.run([*suite, "--out", str(data / "src")], check=True, env=env)
         subprocess.run(
             [*py, "build", "--quiet", "--split", "embedded", "--source", str(data / "src")]
             + ["--out", str(data / "embedded")],

@@ -96,7 +96,8 @@ def one(name: str, suite: str, out: Path, common: list[str]) -> Path:
     log = run / "bench.log"
     training = [
         f"output_dir={run}", "stop_after_visits=1", "validation.max_tasks=1",
-        "validation.adapt_steps=0", "save_every_n_visits=null", *common, *overrides,
+        "validation.adapt_steps=0", "save_every_n_visits=null", "overwrite_output_dir=true",
+        *common, *overrides,
     ]  # fmt: skip
     _run([TUNE, "run", f"recipes/{recipe}", "--config", f"configs/{config}.yaml", *training], log)
     seeds = ",".join(map(str, SEEDS))

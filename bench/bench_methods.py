@@ -94,6 +94,8 @@ def one_run(name: str, seed_index: int, out: Path, common: list[str], epochs: in
     ]
     if (run / "checkpoints" / "latest").is_dir():
         training.append("resume_from_checkpoint=true")
+    else:
+        training.append("overwrite_output_dir=true")
     _run([TUNE, "run", f"recipes/{recipe}", "--config", f"configs/{config}.yaml", *training], log)
     evaluate(method, str(run / "checkpoints" / "best"))
     return results
@@ -107,8 +109,7 @@ def prepare(out: Path, pretrain_steps: int) -> list[str]:
             [
                 sys.executable,
                 "-m",
-                "abmll_tune.data",
-                "embedded",
+                "abmll_tune.embedded.suite",
                 "--out",
                 str(data / "embedded_src"),
             ],

@@ -5,28 +5,33 @@
 The family (:mod:`abmll_tune.embedded.planted`) is generated from the briefly pre-trained
 tiny backbone: a true global adapter theta*, per task a true adapter phi_i ~ N(theta*,
 sigma*^2) entrywise, labels sampled from the teacher (backbone + phi_i). So the teacher's
-probabilities are the Bayes-optimal predictions (the oracle), and ABMLL's hierarchical
-Gaussian model is exactly right. For each spread sigma* (``--spreads``, in units of
-theta*'s RMS entry) this script:
+probabilities are the Bayes-optimal predictions (the oracle), the prior predictive (the
+teacher averaged over fresh draws of phi, ``PRIOR_SAMPLES`` of them, with its Monte Carlo
+standard error) is the best any model can do before seeing a task's examples, and ABMLL's
+hierarchical Gaussian model is exactly right. For each spread sigma* (``--spreads``, in
+units of theta*'s RMS entry) this script:
 
-1. generates the family and builds it twice (support sets of K = 5 and K = 16);
-2. meta-trains Regular LoRA, Reptile and ABMLL (the configs' defaults) with the real
-   recipes for ``--seeds`` training seeds, validation on the family's validation tasks;
-   ABMLL also in a validation-tuned setting: each candidate of ``TUNING_GRID`` is trained
-   with seed 0 and the one with the lowest validation NLL (at the recipe's own selected
-   epoch) is then trained for every seed;
-3. evaluates every best-validation checkpoint (and the Pretrained backbone) few-shot on
-   the held-out test tasks with the evaluation recipe, training seed i paired with
-   support seed i, K = 5 (5 steps of 1) and K = 16 (8 steps of 2);
-4. scores the predictions against the oracle: accuracy, ECE, NLL, Brier and their gaps to
-   the oracle on the same questions, the excess NLL E_x KL(oracle || method) (exact, no
-   label noise), paired ABMLL - Reptile differences with their standard errors, how far
-   the learned global mean and std are from theta* and sigma* (layer by layer), and
-   reliability diagrams next to the oracle's.
+1. generates the family and builds it with support sets of K = 1, 5 and 16;
+2. meta-trains Regular LoRA (pooled), Reptile and ABMLL (the configs' defaults) with the
+   real recipes for ``--seeds`` training seeds, until validation stops improving
+   (``early_stopping_patience``, at most ``--max-epochs``); the recipe's validation adapts
+   as the K = 16 test does (8 steps of 2 on the validation tasks);
+3. scores each run on the held-out test tasks (bench/planted_eval.py), training seed i
+   paired with support seed i: before adaptation (K = 0, the epoch checkpoint with the
+   lowest zero-step validation NLL) and after adapting to K = 1, 5, 16 examples (the
+   recipe's best checkpoint);
+4. climbs a sanity ladder before comparing methods: (a) a model whose global mean and std
+   are theta* and sigma* reproduces the prior predictive before adaptation and comes near
+   the oracle after it; (b) pooled LoRA approaches the prior predictive before adaptation;
+   (c) Reptile and ABMLL do too, and after adaptation come nearer the oracle than
+   Pretrained; (d) the comparison: accuracy, ECE, NLL, excess NLL over the oracle,
+   paired ABMLL - Reptile differences, and the function-space distance to the truth
+   before adaptation, KL(prior predictive || method) on the test questions, beside RMS
+   sigma_theta / sigma* layer by layer.
 
-Writes ``planted.json``, ``planted.md`` and ``reliability_spread*.png`` under ``--out``;
-runs go ``--workers`` at a time on single-thread workers, a finished step is skipped when
-the command is repeated.
+Writes ``planted.json``, ``planted.md``, ``learning_curves_spread*.png`` and
+``reliability_spread*.png`` under ``--out``; runs go ``--workers`` at a time on
+single-thread workers, and a finished step is skipped when the command is repeated.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -44,90 +50,99 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import TUNE, _run, prepare  # noqa: E402
+from planted_eval import PROTOCOLS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SUPPORT_SEEDS = (100, 13, 21, 42, 87)  # MetaICL's five support seeds
-# K -> evaluation overrides: K_test steps of batch b (each support example used once or so)
-KS = {5: ["evaluation.adapt_steps=5", "evaluation.adapt_batch_size=1"],
-      16: ["evaluation.adapt_steps=8", "evaluation.adapt_batch_size=2"]}  # fmt: skip
 # name -> (recipe, config, overrides)
 METHODS = {
     "lora": ("reptile_single_device", "tiny_cpu_lora", []),
     "reptile": ("reptile_single_device", "tiny_cpu_reptile", []),
     "abmll": ("abmll_meta_single_device", "tiny_cpu_abmll", []),
 }
-# ABMLL settings tried on the validation tasks (seed 0): beta and gamma (the tempering),
-# the std pairs' learning rates, posterior samples per inner step, and two ways off the
-# pinned start: the CPU config (beta 1e-6, std pairs' B at 1e-3) starts with 98% of the
-# entries pinned by beta / sigma_p^2 > 1 (modules.pinned_share; 6% with beta 1e-9, 10% with
-# B at 2e-2, the 8B configs' init)
-TUNING_GRID = {
-    "beta1e-3": ["method.beta=1e-3", "method.gamma=1e-3"],
-    "std_lr1e-2": ["method.inner_lr_std=1e-2", "method.outer_lr_std=1e-2"],
-    "samples4": ["method.train_samples=4"],
-    "beta1e-9": ["method.beta=1e-9"],
-    "std_init2e-2": ["model.std_b_init_std=2e-2"],
-}
-EVAL_SAMPLES = 10  # ABMLL's posterior predictive: 10 samples (variant s10) and its mean
-
+# pooled LoRA's epoch is every training question (4000 steps of 2), a meta-learner's one
+# visit per task (40 x 5 inner steps): LoRA is capped at 2 epochs, 8000 steps, still more
+# than the 1600 inner steps of a meta-learner's 8 epochs
+MAX_EPOCHS = {"lora": 2}
+# the recipe's validation adapts as the K = 16 test does (planted_eval.PROTOCOLS["K16"])
+VALIDATION = ["validation.adapt_steps=8", "validation.adapt_batch_size=2",
+              "validation.seeds=[100]", "validation.max_tasks=null"]  # fmt: skip
+TRUTH_SAMPLES = 64  # the truth model's prior predictive: as many draws as the reference
 
 # ------------------------------------------------------------------------------ running
 
 
-def train(run: Path, method: str, seed: int, data: Path, common, epochs, extra=()) -> Path:
-    best = run / "checkpoints" / "best"
+def train(run: Path, method: str, seed: int, data: Path, common, args) -> Path:
     if (run / "done").is_file():
-        return best
+        return run
     run.mkdir(parents=True, exist_ok=True)
     recipe, config, overrides = METHODS[method]
     cmd = [
         TUNE, "run", f"recipes/{recipe}", "--config", f"configs/{config}.yaml",
-        f"output_dir={run}", f"seed={seed}", f"epochs={epochs}", *common, f"data.path={data}",
-        "validation.max_tasks=6", *overrides, *extra,
+        f"output_dir={run}", f"seed={seed}", f"epochs={min(args.max_epochs, MAX_EPOCHS.get(method, args.max_epochs))}",
+        f"early_stopping_patience={args.patience}", "keep_epoch_checkpoints=true",
+        *common, f"data.path={data}", *VALIDATION, *overrides,
     ]  # fmt: skip
     if (run / "checkpoints" / "latest").is_dir():
         cmd.append("resume_from_checkpoint=true")
+    else:
+        cmd.append("overwrite_output_dir=true")
     _run(cmd, run / "bench.log")
     (run / "done").write_text("")
-    return best
+    return run
 
 
-def evaluate(out: Path, method: str, checkpoint, seeds, k: int, data: Path, common) -> Path:
-    predictions = out / "predictions.jsonl"
-    if predictions.is_file():
-        return predictions
-    out.mkdir(parents=True, exist_ok=True)
+def evaluate(result: Path, family: Path, data: dict, tokenizer: Path, *, checkpoint=None,
+             select=None, seeds=(100,), zero_step_samples=None) -> Path:  # fmt: skip
+    if result.is_file():
+        return result
+    result.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
-        TUNE, "run", "recipes/evaluate_few_shot", "--config", "configs/tiny_cpu_eval.yaml",
-        f"method={method}", f"adapter_checkpoint={checkpoint or 'null'}",
-        f"evaluation.seeds=[{','.join(map(str, seeds))}]", f"evaluation.samples=[{EVAL_SAMPLES}]",
-        f"output_dir={out}", *common, f"data.path={data}", *KS[k],
+        sys.executable, str(REPO / "bench" / "planted_eval.py"), "--family", str(family),
+        "--data", ",".join(str(data[k]) for k in (1, 5, 16)), "--tokenizer-dir", str(tokenizer),
+        "--seeds", ",".join(map(str, seeds)), "--out", str(result),
     ]  # fmt: skip
-    _run(cmd, out / "bench.log")
-    return predictions
+    if checkpoint is not None:
+        cmd += ["--checkpoint", str(checkpoint)]
+    if select is not None:
+        cmd += ["--select-zero-step", str(select)]
+    if zero_step_samples is not None:
+        cmd += ["--zero-step-samples", str(zero_step_samples)]
+    _run(cmd, result.with_suffix(".log"))
+    return result
 
 
-def best_validation_nll(run: Path) -> float:
-    """NLL of the validation row the recipe selected (highest accuracy, first of ties)."""
-    rows = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
-    best = max(rows, key=lambda r: (r["accuracy"], -r["epoch"]))
-    return best["nll"]
+def write_truth_checkpoint(template: Path, family: Path, out: Path) -> Path:
+    """An ABMLL checkpoint (``template``'s) whose global and local Gaussians are the truth
+    (:func:`abmll_tune.embedded.planted.truth_adapters`)."""
+    from safetensors.torch import load_file, save_file
+
+    from abmll_tune.embedded.planted import truth_adapters
+
+    if (out / "adapters.safetensors").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(template, tmp)
+    config = json.loads((tmp / "meta.json").read_text())["config"]["model"]
+    adapters = truth_adapters(family, load_file(str(template / "adapters.safetensors")), config)
+    save_file(adapters, str(tmp / "adapters.safetensors"), metadata={"format": "pt"})
+    tmp.rename(out)
+    return out
 
 
 def run_spread(spread: float, args, out: Path, common: list[str], pool) -> dict:
-    from abmll_tune.embedded.planted import PlantedFamily, generate_family
+    from abmll_tune.embedded.planted import SUPPORT_KS, PlantedFamily, generate_family
 
     root = out / f"spread{spread:g}"
     src = root / "family"
+    tokenizer = out / "data" / "embedded_src" / "tokenizer"
     if not (src / "planted.json").is_file():
         generate_family(
-            PlantedFamily(spread=spread, seed=args.family_seed),
-            out / "backbone",
-            out / "data" / "embedded_src" / "tokenizer",
-            src,
+            PlantedFamily(spread=spread, seed=args.family_seed), out / "backbone", tokenizer, src
         )
     data = {}
-    for k in KS:
+    for k in SUPPORT_KS:
         data[k] = root / f"k{k}"
         if not (data[k] / "manifest.json").is_file():
             subprocess.run(
@@ -138,151 +153,183 @@ def run_spread(spread: float, args, out: Path, common: list[str], pool) -> dict:
             )  # fmt: skip
     common = [*common, f"checkpointer.checkpoint_dir={src / 'backbone'}"]
     seeds = range(args.seeds)
-    runs = {}  # (name, seed) -> run dir
-    jobs = {}
-    for name in METHODS:
-        for seed in seeds:
-            runs[name, seed] = root / "runs" / f"{name}_seed{seed}"
-            jobs[name, seed] = pool.submit(
-                train, runs[name, seed], name, seed, data[16], common, args.epochs
-            )
-    tuning = {
-        cand: pool.submit(
-            train, root / "tuning" / cand, "abmll", 0, data[16], common, args.epochs, extra
-        )
-        for cand, extra in TUNING_GRID.items()
+    all_seeds = [SUPPORT_SEEDS[s] for s in seeds]
+    runs = {
+        (name, seed): root / "runs" / f"{name}_seed{seed}" for name in METHODS for seed in seeds
     }
-    for future in tuning.values():
-        future.result()
-    nll = {cand: best_validation_nll(root / "tuning" / cand) for cand in TUNING_GRID}
-    nll["default"] = None
+    jobs = {
+        key: pool.submit(train, run, key[0], key[1], data[16], common, args)
+        for key, run in runs.items()
+    }
+    evals = {
+        ("pretrained", None): pool.submit(
+            evaluate, root / "eval" / "pretrained.json", src, data, tokenizer, seeds=all_seeds
+        )
+    }
     jobs["abmll", 0].result()
-    nll["default"] = best_validation_nll(runs["abmll", 0])
-    chosen = min(nll, key=nll.get)
-    for seed in seeds:
-        runs["abmll_tuned", seed] = root / "runs" / f"abmll_tuned_seed{seed}"
-        if chosen == "default":
-            runs["abmll_tuned", seed] = runs["abmll", seed]
-        elif chosen in TUNING_GRID and seed == 0:
-            runs["abmll_tuned", seed] = root / "tuning" / chosen
-        else:
-            jobs["abmll_tuned", seed] = pool.submit(
-                train, runs["abmll_tuned", seed], "abmll", seed, data[16], common, args.epochs,
-                TUNING_GRID[chosen],
-            )  # fmt: skip
-    evals = {}
-    for k in KS:
-        evals["pretrained", None, k] = pool.submit(
-            evaluate, root / "eval" / f"pretrained_k{k}", "pretrained", None,
-            [SUPPORT_SEEDS[s] for s in seeds], k, data[k], common,
+    truth = write_truth_checkpoint(
+        runs["abmll", 0] / "checkpoints" / "epoch_0", src, root / "truth" / "checkpoint"
+    )
+    evals["truth", None] = pool.submit(
+        evaluate, root / "eval" / "truth.json", src, data, tokenizer, checkpoint=truth,
+        seeds=all_seeds, zero_step_samples=TRUTH_SAMPLES,
+    )  # fmt: skip
+    for (name, seed), job in jobs.items():
+        run = job.result()
+        evals[name, seed] = pool.submit(
+            evaluate, root / "eval" / f"{name}_seed{seed}.json", src, data, tokenizer,
+            checkpoint=run / "checkpoints" / "best", select=run / "checkpoints",
+            seeds=[SUPPORT_SEEDS[seed]],
         )  # fmt: skip
-    for future in list(jobs.values()):
-        future.result()
-    for name in (*METHODS, "abmll_tuned"):
-        method = "abmll" if name.startswith("abmll") else METHODS[name][1].removeprefix("tiny_cpu_")
-        for seed in seeds:
-            for k in KS:
-                evals[name, seed, k] = pool.submit(
-                    evaluate, root / "eval" / f"{name}_seed{seed}_k{k}", method,
-                    runs[name, seed] / "checkpoints" / "best", [SUPPORT_SEEDS[seed]], k, data[k],
-                    common,
-                )  # fmt: skip
-    predictions = {key: Path(f.result()) for key, f in evals.items()}
     return {
         "root": root,
         "family": src,
         "runs": runs,
-        "predictions": predictions,
-        "tuning": {"validation_nll": nll, "chosen": chosen},
+        "results": {key: Path(f.result()) for key, f in evals.items()},
     }
 
 
 # ------------------------------------------------------------------------------ scoring
 
+METRICS = ("accuracy", "ece", "nll", "brier", "excess_nll", "kl_from_prior")
 
-def scores(probs: np.ndarray, gold: np.ndarray, oracle: np.ndarray) -> dict:
-    """Metrics against the sampled labels, and the exact excess NLL against the oracle."""
+
+def scores(probs: np.ndarray, gold: np.ndarray, oracle: np.ndarray, prior: np.ndarray) -> dict:
+    """Metrics against the sampled labels; exactly, without label noise: the excess NLL
+    E_x KL(oracle || method) and the function-space distance to the truth before
+    adaptation, E_x KL(prior predictive || method)."""
     from abmll_tune.metrics import all_metrics
 
     m = all_metrics(probs, gold)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(oracle > 0, oracle * (np.log(oracle) - np.log(probs)), 0.0)
-    m["excess_nll"] = float(np.nansum(terms, axis=1).mean())
+    m["excess_nll"] = _kl(oracle, probs)
+    m["kl_from_prior"] = _kl(prior, probs)
     return m
 
 
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
+    return float(np.nansum(terms, axis=1).mean())
+
+
 def score_spread(result: dict) -> dict:
-    from abmll_tune.embedded.planted import read_oracle
-    from abmll_tune.metrics import pad_probs
+    from abmll_tune.embedded.planted import jackknife, read_oracle, read_prior_draws
+    from abmll_tune.metrics import all_metrics, mean_and_se, pad_probs
 
     oracle = read_oracle(result["family"])
-    by_key: dict = {}
-    for (name, seed, k), path in result["predictions"].items():
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            if r["prune"]:
-                continue
-            variant = r["variant"]
-            if name.startswith("abmll"):
-                label = name if variant == f"s{EVAL_SAMPLES}" else f"{name} [mean]"
-            else:
-                label = name
-            s = seed if seed is not None else SUPPORT_SEEDS.index(r["seed"])
-            by_key.setdefault((label, s, k), []).append(r)
-    table: dict = {}
-    references = {}
-    for (label, _, k), records in sorted(by_key.items(), key=lambda kv: str(kv[0])):
-        records.sort(key=lambda r: r["id"])
-        gold = np.array([oracle[r["id"]]["gold"] for r in records])
-        assert all(r["gold"] == oracle[r["id"]]["gold"] for r in records), "gold mismatch"
-        probs = pad_probs([r["probs"] for r in records])
-        ref = {
-            name: pad_probs([oracle[r["id"]][name] for r in records])
-            for name in ("oracle", "prior_predictive", "global_teacher")
-        }
-        mine = scores(probs, gold, ref["oracle"])
-        orc = scores(ref["oracle"], gold, ref["oracle"])
-        row = table.setdefault(k, {}).setdefault(label, {})
-        row.setdefault("seeds", []).append(
-            {**mine, "gap": {m: mine[m] - orc[m] for m in ("accuracy", "ece", "nll", "brier")}}
-        )
-        if k not in references:  # the same test questions for every seed
-            references[k] = {name: scores(p, gold, ref["oracle"]) for name, p in ref.items()}
-            references[k]["_reliability"] = {name: _reliability(p, gold) for name, p in ref.items()}
-        row.setdefault("_pooled", []).append((probs, gold))
-    from abmll_tune.metrics import mean_and_se
+    loaded = {key: json.loads(path.read_text()) for key, path in result["results"].items()}
+    # the test questions (the same for every protocol, seed and method)
+    ids = sorted({r["id"] for r in loaded["pretrained", None]["protocols"]["K0"]})
+    position = {i: n for n, i in enumerate(ids)}
+    gold = np.array([oracle[i]["gold"] for i in ids])
+    refs = {
+        name: pad_probs([oracle[i][name] for i in ids])
+        for name in ("oracle", "prior_predictive", "global_teacher", "backbone")
+    }
+    draws = read_prior_draws(result["family"], ids)
+    references = {name: scores(p, gold, refs["oracle"], refs["prior_predictive"])
+                  for name, p in refs.items()}  # fmt: skip
+    mc = {}
+    for metric in ("accuracy", "ece", "nll"):
+        _, se = jackknife(draws, lambda p, m=metric: all_metrics(p, gold)[m])
+        mc[metric] = se
+    _, mc["excess_nll"] = jackknife(draws, lambda p: _kl(refs["oracle"], p))
+    references["prior_predictive"]["mc_se"] = mc
+    references["prior_predictive"]["draws"] = int(draws.shape[-1])
 
-    summary = {}
-    for k, rows in table.items():
-        summary[k] = {"references": {n: v for n, v in references[k].items() if n[0] != "_"}}
-        reliability = dict(references[k]["_reliability"])
-        for label, row in rows.items():
-            seeds_rows = row["seeds"]
+    per_seed: dict = {}  # protocol -> label -> list of per-seed metric dicts
+    pooled: dict = {}  # protocol -> label -> (probs, gold) over seeds, for reliability
+    selection: dict = {}
+    for (label, seed), res in loaded.items():
+        if "K0" in res["selection"]:
+            selection.setdefault(label, {})[seed] = res["selection"]["K0"]
+        for protocol, records in res["protocols"].items():
+            by_seed: dict = {}
+            for r in records:
+                by_seed.setdefault(r["seed"], []).append(r)
+            for support_seed in sorted(by_seed, key=SUPPORT_SEEDS.index):
+                recs = sorted(by_seed[support_seed], key=lambda r: position[r["id"]])
+                assert [r["id"] for r in recs] == ids, "every run scores every test question"
+                assert all(r["gold"] == g for r, g in zip(recs, gold, strict=True)), "gold"
+                probs = pad_probs([r["probs"] for r in recs])
+                m = scores(probs, gold, refs["oracle"], refs["prior_predictive"])
+                per_seed.setdefault(protocol, {}).setdefault(label, []).append(m)
+                pooled.setdefault(protocol, {}).setdefault(label, []).append(probs)
+    summary: dict = {"references": references, "protocols": {}, "selection_k0": selection}
+    for protocol, rows in per_seed.items():
+        table = {}
+        for label, seed_rows in rows.items():
             entry = {}
-            for m in ("accuracy", "ece", "nll", "brier", "excess_nll"):
-                mean, se = mean_and_se(r[m] for r in seeds_rows)
-                entry[m] = {"mean": mean, "se": se}
-            for m in ("accuracy", "ece", "nll", "brier"):
-                mean, se = mean_and_se(r["gap"][m] for r in seeds_rows)
-                entry[f"gap_{m}"] = {"mean": mean, "se": se}
-            entry["n_seeds"] = len(seeds_rows)
-            summary[k][label] = entry
-            probs = np.concatenate([p for p, _ in row["_pooled"]])
-            gold = np.concatenate([g for _, g in row["_pooled"]])
-            reliability[label] = _reliability(probs, gold)
-        summary[k]["_reliability"] = reliability
-        summary[k]["paired"] = {}
-        for a, b in (("abmll", "reptile"), ("abmll_tuned", "reptile"), ("abmll", "lora")):
-            if a in rows and b in rows and len(rows[a]["seeds"]) == len(rows[b]["seeds"]) > 1:
-                diffs = {}
-                for m in ("accuracy", "ece", "nll", "brier", "excess_nll"):
-                    d = [
-                        x[m] - y[m] for x, y in zip(rows[a]["seeds"], rows[b]["seeds"], strict=True)
-                    ]
+            for m in METRICS:
+                mean, se = mean_and_se(r[m] for r in seed_rows)
+                entry[m] = {"mean": mean, "se": se if len(seed_rows) > 1 else None}
+            entry["n_seeds"] = len(seed_rows)
+            table[label] = entry
+        paired = {}
+        for a, b in (("abmll", "reptile"), ("abmll", "lora"), ("reptile", "lora")):
+            if a in rows and b in rows and len(rows[a]) == len(rows[b]) > 1:
+                paired[f"{a} - {b}"] = {}
+                for m in METRICS:
+                    d = [x[m] - y[m] for x, y in zip(rows[a], rows[b], strict=True)]
                     mean, se = mean_and_se(d)
-                    diffs[m] = {"mean": mean, "se": se}
-                summary[k]["paired"][f"{a} - {b}"] = diffs
+                    paired[f"{a} - {b}"][m] = {"mean": mean, "se": se}
+        reliability = {name: _reliability(p, gold) for name, p in refs.items()}
+        for label, probs in pooled[protocol].items():
+            reliability[label] = _reliability(np.concatenate(probs), np.tile(gold, len(probs)))
+        summary["protocols"][protocol] = {
+            "methods": table,
+            "paired": paired,
+            "_reliability": reliability,
+        }
+    summary["ladder"] = ladder(summary)
     return summary
+
+
+def ladder(summary: dict) -> list[dict]:
+    """The sanity ladder's rungs, each with its numbers and whether it holds."""
+    refs = summary["references"]
+    pp, orc = refs["prior_predictive"], refs["oracle"]
+    k0 = summary["protocols"]["K0"]["methods"]
+    k16 = summary["protocols"]["K16"]["methods"]
+    rungs = []
+    truth = k0["truth"]
+    # the truth model's own Monte Carlo (64 samples) and the reference's: 3 combined SE
+    tol = 3 * math.hypot(pp["mc_se"]["nll"], truth["nll"]["se"] or 0.0)
+    rungs.append({
+        "rung": "a", "what": "truth model before adaptation = prior predictive (NLL)",
+        "value": truth["nll"]["mean"], "reference": pp["nll"], "tolerance": tol,
+        "kl_from_prior": truth["kl_from_prior"]["mean"],
+        "holds": abs(truth["nll"]["mean"] - pp["nll"]) <= tol,
+    })  # fmt: skip
+    rungs.append({
+        "rung": "a", "what": "truth model after adapting to 16 examples: accuracy nearer the "
+        "oracle than Pretrained's",
+        "value": k16["truth"]["accuracy"]["mean"], "reference": orc["accuracy"],
+        "pretrained": k16["pretrained"]["accuracy"]["mean"],
+        "holds": k16["truth"]["accuracy"]["mean"] > k16["pretrained"]["accuracy"]["mean"],
+    })  # fmt: skip
+    base = k0["pretrained"]["kl_from_prior"]["mean"]
+    for rung, names in (("b", ("lora",)), ("c", ("reptile", "abmll"))):
+        for name in names:
+            if name not in k0:
+                continue
+            closed = 1 - k0[name]["kl_from_prior"]["mean"] / base
+            rungs.append({
+                "rung": rung, "what": f"{name} before adaptation approaches the prior predictive: "
+                "share of Pretrained's KL(prior predictive || model) closed (>= 0.5)",
+                "value": closed, "kl_from_prior": k0[name]["kl_from_prior"]["mean"],
+                "pretrained_kl_from_prior": base, "holds": closed >= 0.5,
+            })  # fmt: skip
+    for name in ("reptile", "abmll"):
+        if name in k16:
+            rungs.append({
+                "rung": "c", "what": f"{name} after adapting to 16 examples: excess NLL below "
+                "Pretrained's",
+                "value": k16[name]["excess_nll"]["mean"],
+                "pretrained": k16["pretrained"]["excess_nll"]["mean"],
+                "holds": k16[name]["excess_nll"]["mean"] < k16["pretrained"]["excess_nll"]["mean"],
+            })  # fmt: skip
+    return rungs
 
 
 def _reliability(probs: np.ndarray, gold: np.ndarray) -> dict:
@@ -295,21 +342,23 @@ def _reliability(probs: np.ndarray, gold: np.ndarray) -> dict:
 
 
 def weight_space_distances(result: dict) -> dict:
-    """Per method (mean over seeds) and layer, for the learned global mean Delta W = s B A:
-    ||Delta W - Delta W*||_F / ||Delta W*||_F (1 for an adapter that never moved), its norm
-    ratio and cosine with Delta W* (the weights are not identifiable: a function equal to
-    the teacher's can sit elsewhere, so the cosine says whether it moved *toward* theta*),
-    and for ABMLL RMS(sigma_theta) / sigma*."""
+    """Per method (mean over seeds) and layer, for the learned global mean Delta W = s B A
+    (the recipe's best checkpoint): ||Delta W - Delta W*||_F / ||Delta W*||_F (1 for an
+    adapter that never moved), its norm ratio and cosine with Delta W* (a rank-8 product is
+    not identifiable: the function-space distance of the K = 0 table is the fair one), and
+    for ABMLL (and the truth model) RMS sigma_theta / sigma*."""
     from safetensors.torch import load_file
 
-    from abmll_tune.embedded.planted import mean_delta, read_family
+    from abmll_tune.embedded.planted import mean_delta, read_family, std_floors
     from abmll_tune.modules.gaussian import std_variance
 
     meta = read_family(result["family"])
     theta = load_file(str(Path(result["family"]) / "theta_star.safetensors"))
+    checkpoints = {key: run / "checkpoints" / "best" for key, run in result["runs"].items()}
+    checkpoints["truth", None] = result["root"] / "truth" / "checkpoint"
     out: dict = {}
-    for (name, _), run in sorted(result["runs"].items(), key=str):
-        best = run / "checkpoints" / "best"
+    floors: dict = {}
+    for (name, _), best in sorted(checkpoints.items(), key=str):
         state = load_file(str(best / "adapters.safetensors"))
         config = json.loads((best / "meta.json").read_text())["config"]["model"]
         scale = config["lora_alpha"] / config["lora_rank"]
@@ -328,8 +377,10 @@ def weight_space_distances(result: dict) -> dict:
             }
             std_a = state.get(f"{prefix}.lora_global_std_a.weight")
             if std_a is not None:
+                if name not in floors:
+                    floors[name] = std_floors(result["family"], config)
                 m = scale * state[f"{prefix}.lora_global_std_b.weight"] @ std_a
-                var = std_variance(m, config.get("sigma_floor", math.exp(-20)), config["std_param"])
+                var = std_variance(m, floors[name][prefix], config["std_param"])
                 row["sigma_rms_over_sigma_star"] = float(var.mean().sqrt() / sigma_star)
             layers[prefix] = row
         out.setdefault(name, []).append(layers)
@@ -344,107 +395,171 @@ def weight_space_distances(result: dict) -> dict:
     return summary
 
 
+def learning_curves(result: dict) -> dict:
+    """Per method and seed: the recipe's validation rows (epoch 0 = before training; the
+    K = 16 protocol) and the zero-step validation NLL of every epoch checkpoint."""
+    curves: dict = {}
+    for (name, seed), run in sorted(result["runs"].items(), key=str):
+        rows = [json.loads(x) for x in (run / "validation.jsonl").read_text().splitlines()]
+        best = json.loads((run / "checkpoints" / "best" / "meta.json").read_text())
+        res = json.loads(result["results"][name, seed].read_text())
+        k0 = res["selection"].get("K0", {})
+        curves.setdefault(name, []).append({
+            "seed": seed,
+            "adapted": [{k: r[k] for k in ("epoch", "accuracy", "nll", "ece")} for r in rows],
+            "best_epoch": best["progress"]["validation"]["epoch"],
+            "zero_step": [{"epoch": int(r["checkpoint"].split("_")[1]) + 1, "nll": r["nll"],
+                           "accuracy": r["accuracy"]} for r in k0.get("rows", [])],
+            "zero_step_chosen": k0.get("chosen"),
+        })  # fmt: skip
+    return curves
+
+
 # ------------------------------------------------------------------------------ report
+
+LABELS = ("truth", "pretrained", "lora", "reptile", "abmll")
 
 
 def _fmt(entry: dict, m: str, digits: int = 3) -> str:
-    return f"{entry[m]['mean']:.{digits}f} ± {entry[m]['se']:.{digits}f}"
+    se = entry[m]["se"]
+    return f"{entry[m]['mean']:.{digits}f} ± " + (
+        "n/a" if se is None or math.isnan(se) else f"{se:.{digits}f}"
+    )
 
 
 def markdown(report: dict) -> str:
     lines = [
-        f"# Planted hierarchical family ({report['date']}, {report['seeds']} paired seeds, "
-        f"{report['epochs']} epochs; this invocation {report['minutes']:.0f} min, finished "
-        "steps reused)",
+        f"# Planted hierarchical family ({report['date']}, {report['seeds']} paired seeds, at "
+        f"most {report['max_epochs']} epochs with early stopping after {report['patience']} "
+        f"without improvement; this invocation {report['minutes']:.0f} min, finished steps "
+        "reused)",
         "",
-        "Metrics on the held-out test tasks (mean ± SE over seeds). gap = method − oracle on "
-        "the same questions; excess NLL = E_x KL(oracle ‖ method) (0 for the oracle).",
+        "Held-out test tasks, mean ± SE over seeds (Pretrained and the truth model: over the "
+        "5 support seeds). K = 0: scored before adaptation; K = 1, 5, 16: after adapting to "
+        "K examples (1 step of 1, 5 of 1, 8 of 2). excess NLL = E_x KL(oracle ‖ method); "
+        "KL(pp ‖ ·) = E_x KL(prior predictive ‖ method), the distance to the truth before "
+        "adaptation (0 for the prior predictive). Figures on the CPU depend on its floating "
+        "point; the orderings are what the SEs support.",
     ]
     for spread, res in report["spreads"].items():
+        refs = res["scores"]["references"]
+        pp = refs["prior_predictive"]
         lines += ["", f"## spread {spread} (sigma* = {spread} × RMS entry of ΔW*)", ""]
         fam = res["family"]["evaluation_tasks"]
         lines.append(
             f"Family: oracle accuracy {fam['oracle_accuracy']:.3f} on its evaluation tasks; the "
             f"global teacher (θ* alone) agrees with the oracle's argmax on "
             f"{fam['global_teacher_agreement']:.3f} of questions, the backbone on "
-            f"{fam['backbone_agreement']:.3f}."
+            f"{fam['backbone_agreement']:.3f}. Prior predictive from {pp['draws']} draws, Monte "
+            f"Carlo SE: accuracy {pp['mc_se']['accuracy']:.4f}, NLL {pp['mc_se']['nll']:.4f}, "
+            f"ECE {pp['mc_se']['ece']:.4f}."
         )
-        nll = ", ".join(f"{k} {v:.3f}" for k, v in res["tuning"]["validation_nll"].items())
-        lines += ["", f"ABMLL tuned on validation NLL: chose **{res['tuning']['chosen']}** ({nll})"
-                  + (" = the default: the abmll_tuned rows are the abmll rows" if
-                     res["tuning"]["chosen"] == "default" else "")]  # fmt: skip
-        for k, rows in res["scores"].items():
-            lines += ["", f"### K = {k}", "",
-                      "| method | accuracy | gap | ECE | NLL | gap | Brier | excess NLL |",
-                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-            for name, ref in rows["references"].items():
-                lines.append(
-                    f"| *{name}* | {ref['accuracy']:.3f} | | {ref['ece']:.3f} | {ref['nll']:.3f} "
-                    f"| | {ref['brier']:.3f} | {ref['excess_nll']:.3f} |"
-                )
-            same = res["tuning"]["chosen"] == "default"  # abmll_tuned is abmll: not repeated
-            for name, e in rows.items():
-                if name in ("references", "paired", "_reliability"):
-                    continue
-                if same and name.startswith("abmll_tuned"):
-                    continue
-                lines.append(
-                    f"| {name} | {_fmt(e, 'accuracy')} | {e['gap_accuracy']['mean']:+.3f} | "
-                    f"{_fmt(e, 'ece')} | {_fmt(e, 'nll')} | {e['gap_nll']['mean']:+.3f} | "
-                    f"{_fmt(e, 'brier')} | {_fmt(e, 'excess_nll')} |"
-                )
-            if rows["paired"]:
-                lines += ["", "| paired difference | accuracy | ECE | NLL | Brier | excess NLL |",
-                          "|---|---|---|---|---|---|"]  # fmt: skip
-                for pair, d in rows["paired"].items():
-                    if same and pair.startswith("abmll_tuned"):
-                        continue
-                    lines.append(
-                        f"| {pair} | " + " | ".join(
-                            _fmt(d, m) for m in ("accuracy", "ece", "nll", "brier", "excess_nll")
-                        ) + " |"
-                    )  # fmt: skip
-        lines += ["", "Learned global mean ΔW vs the truth ΔW* (mean over seeds; layer by layer): "
-                  "‖ΔW − ΔW*‖/‖ΔW*‖ (1 = never moved), ‖ΔW‖/‖ΔW*‖, cos(ΔW, ΔW*), and for "
-                  "ABMLL RMS σ_θ / σ*", "",
+        lines += ["", "### Sanity ladder", "", "| rung | check | value | against | holds |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in res["scores"]["ladder"]:
+            against = {k: v for k, v in r.items() if k not in ("rung", "what", "value", "holds")}
+            lines.append(
+                f"| {r['rung']} | {r['what']} | {r['value']:.3f} | "
+                + ", ".join(f"{k} {v:.3f}" for k, v in against.items())
+                + f" | {'yes' if r['holds'] else '**no**'} |"
+            )
+        for protocol in (p for p in PROTOCOLS if p in res["scores"]["protocols"]):
+            block = res["scores"]["protocols"][protocol]
+            # the distance to the prior predictive means something before adaptation only
+            metrics = ("accuracy", "ece", "nll", "excess_nll")
+            metrics += ("kl_from_prior",) if protocol == "K0" else ()
+            k = PROTOCOLS[protocol][0] if protocol != "K0" else 0
+            lines += ["", f"### K = {k}" + (" (before adaptation)" if not k else ""), "",
+                      "| model | accuracy | ECE | NLL | excess NLL |"
+                      + (" KL(pp ‖ ·) |" if protocol == "K0" else ""),
+                      "|---|---|---|---|---|" + ("---|" if protocol == "K0" else "")]  # fmt: skip
+            for name in ("oracle", "prior_predictive", "global_teacher", "backbone"):
+                ref = refs[name]
+                lines.append(f"| *{name}* | " + " | ".join(f"{ref[m]:.3f}" for m in metrics) + " |")
+            for name in LABELS:
+                e = block["methods"].get(name)
+                if e is not None:
+                    lines.append(f"| {name} | " + " | ".join(_fmt(e, m) for m in metrics) + " |")
+            if block["paired"]:
+                lines += ["", "| paired difference | accuracy | ECE | NLL | excess NLL |",
+                          "|---|---|---|---|---|"]  # fmt: skip
+                for pair, d in block["paired"].items():
+                    lines.append(f"| {pair} | " + " | ".join(
+                        _fmt(d, m) for m in ("accuracy", "ece", "nll", "excess_nll")
+                    ) + " |")  # fmt: skip
+        lines += ["", "### Epochs", "", "| method | best epoch (K = 16 validation), per seed | "
+                  "zero-step choice, per seed | epochs run |", "|---|---|---|---|"]  # fmt: skip
+        for name, seeds in res["learning_curves"].items():
+            lines.append(
+                f"| {name} | {', '.join(str(c['best_epoch']) for c in seeds)} | "
+                f"{', '.join(str(c['zero_step_chosen']) for c in seeds)} | "
+                f"{', '.join(str(c['adapted'][-1]['epoch']) for c in seeds)} |"
+            )
+        lines += ["", "### Weight space", "",
+                  "Learned global mean ΔW vs the truth ΔW* (mean over seeds, layer by layer): "
+                  "‖ΔW − ΔW*‖/‖ΔW*‖ (1 = never moved), ‖ΔW‖/‖ΔW*‖, cos(ΔW, ΔW*), and RMS "
+                  "σ_θ / σ* (ABMLL; the truth model's is 1 by construction)", "",
                   "| method | layer | rel. error | norm ratio | cosine | σ_θ / σ* |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for name, layers in res["distances"].items():
-            if name == "abmll_tuned" and res["tuning"]["chosen"] == "default":
-                continue
             for prefix, row in layers.items():
                 sig = row.get("sigma_rms_over_sigma_star")
                 lines.append(
                     f"| {name} | {prefix} | {row['mean_rel_error']:.3f} | {row['norm_ratio']:.3f} "
                     f"| {row['cosine']:+.3f} | {'' if sig is None else f'{sig:.3g}'} |"
                 )
+    sig = {spread: res["distances"].get("abmll") for spread, res in report["spreads"].items()}
+    if all(v for v in sig.values()):
+        lines += ["", "## σ_θ / σ* by spread (ABMLL, RMS over layers of the per-layer ratio)", "",
+                  "| spread | σ_θ / σ* |", "|---|---|"]  # fmt: skip
+        for spread, layers in sig.items():
+            ratios = [row["sigma_rms_over_sigma_star"] for row in layers.values()]
+            lines.append(f"| {spread} | {float(np.sqrt(np.mean(np.square(ratios)))):.3g} |")
     return "\n".join(lines) + "\n"
 
 
-def reliability_figure(spread, rows: dict, path: Path, chosen: str) -> None:
-    """One panel per predictor, each next to the oracle's reliability curve (bins with at
-    least 10 questions; pooled over seeds)."""
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rel = rows["_reliability"]
-    names = [
-        n
-        for n in (
-            "prior_predictive",
-            "global_teacher",
-            "pretrained",
-            "lora",
-            "reptile",
-            "abmll",
-            "abmll_tuned",
-        )
-        if n in rel
-    ]
-    if chosen == "default":
-        names.remove("abmll_tuned")
+    return plt
+
+
+def learning_curve_figure(spread, curves: dict, path: Path) -> None:
+    """Validation by epoch, every seed (thin) and the mean (thick): accuracy after adapting
+    as the K = 16 test does, and NLL before adaptation."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    colors = {"lora": "tab:blue", "reptile": "tab:green", "abmll": "tab:red"}
+    for name, seeds in curves.items():
+        for key, ax, metric in (("adapted", axes[0], "accuracy"), ("zero_step", axes[1], "nll")):
+            series = [[(r["epoch"], r[metric]) for r in c[key]] for c in seeds]
+            for xs in series:
+                if xs:
+                    ax.plot(*zip(*xs, strict=True), color=colors.get(name), lw=0.5, alpha=0.5)
+            n = min(len(xs) for xs in series)
+            if n:
+                mean = np.mean([[v for _, v in xs[:n]] for xs in series], axis=0)
+                ax.plot(
+                    [e for e, _ in series[0][:n]], mean, color=colors.get(name), lw=2, label=name
+                )
+    axes[0].set(title="validation accuracy, adapted (K = 16 protocol)", xlabel="epoch")
+    axes[1].set(title="validation NLL before adaptation (epoch checkpoints)", xlabel="epoch")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"planted family, spread {spread}: learning curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def reliability_figure(spread, block: dict, path: Path) -> None:
+    """One panel per predictor, each next to the oracle's reliability curve (bins with at
+    least 10 questions; pooled over seeds)."""
+    plt = _plt()
+    rel = block["_reliability"]
+    names = [n for n in ("prior_predictive", "global_teacher", *LABELS) if n in rel]
 
     def curve(name):
         data = {
@@ -454,13 +569,9 @@ def reliability_figure(spread, rows: dict, path: Path, chosen: str) -> None:
         keep = data["count"] >= 10
         return data["confidence"][keep], data["accuracy"][keep]
 
-    cols = 3
-    fig, axes = plt.subplots(
-        math.ceil(len(names) / cols),
-        cols,
-        figsize=(10, 3.4 * math.ceil(len(names) / cols)),
-        squeeze=False,
-    )
+    cols = 4
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(12, 3.2 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):  # spare panels stay empty
         ax.plot([0, 1], [0, 1], color="0.75", lw=1, ls="--")
         ax.plot(*curve("oracle"), color="black", lw=2, label="oracle")
@@ -482,9 +593,10 @@ def reliability_figure(spread, rows: dict, path: Path, chosen: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench_results/planted"))
-    parser.add_argument("--spreads", default="0.5,1,2", help="sigma* / RMS entry of Delta W*")
+    parser.add_argument("--spreads", default="1,2", help="sigma* / RMS entry of Delta W*")
     parser.add_argument("--seeds", type=int, default=5, help="paired training/support seeds")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-epochs", type=int, default=8)
+    parser.add_argument("--patience", type=int, default=2, help="early_stopping_patience")
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--family-seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
@@ -500,28 +612,29 @@ def main() -> None:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "seeds": args.seeds,
-        "epochs": args.epochs,
+        "max_epochs": args.max_epochs,
+        "patience": args.patience,
         "pretrain_steps": args.pretrain_steps,
-        "tuning_grid": TUNING_GRID,
         "spreads": {},
     }
+    from abmll_tune.embedded.planted import read_family
+
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for spread in (float(s) for s in args.spreads.split(",")):
+        for spread in (float(x) for x in args.spreads.split(",")):
             result = run_spread(spread, args, out, common, pool)
             scored = score_spread(result)
-            from abmll_tune.embedded.planted import read_family
-
+            curves = learning_curves(result)
             report["spreads"][f"{spread:g}"] = {
                 "family": read_family(result["family"]),
-                "tuning": result["tuning"],
                 "scores": scored,
                 "distances": weight_space_distances(result),
+                "learning_curves": curves,
             }
+            learning_curve_figure(
+                f"{spread:g}", curves, out / f"learning_curves_spread{spread:g}.png"
+            )
             reliability_figure(
-                f"{spread:g}",
-                scored[16],
-                out / f"reliability_spread{spread:g}.png",
-                result["tuning"]["chosen"],
+                f"{spread:g}", scored["protocols"]["K16"], out / f"reliability_spread{spread:g}.png"
             )
     report["minutes"] = (time.perf_counter() - start) / 60
     from abmll_tune.io import atomic_write_json, atomic_write_text

@@ -72,7 +72,7 @@ def one_run(name: str, seed: int, out: Path, common: list[str], epochs: int) -> 
         TUNE, "run", "recipes/abmll_meta_single_device", "--config", "configs/tiny_cpu_abmll.yaml",
         f"output_dir={run}", f"seed={seed}", f"epochs={epochs}", "validation.samples=[1]",
         "save_every_n_visits=null",
-        "keep_epoch_checkpoints=false", *common, *VARIANTS[name],
+        "keep_epoch_checkpoints=false", "overwrite_output_dir=true", *common, *VARIANTS[name],
     ]  # fmt: skip
     _run(cmd, run / "bench.log")
     (run / "done").write_text("")

@@ -55,6 +55,13 @@ from abmll_tune.recipe_config import (
     check_recipe_config,
     config_warnings,
 )
+from abmll_tune.rundir import (
+    RunDirError,
+    RunLock,
+    clear_previous_run,
+    is_disk_full,
+    refuse_existing_run,
+)
 
 log = utils.get_logger("INFO")
 
@@ -79,11 +86,26 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                 f"resume_from_checkpoint: true, but {latest} holds no checkpoint yet; "
                 "start without resume_from_checkpoint"
             )
+        # a run owns its directory: another run's checkpoints are never overwritten unasked
+        refuse_existing_run(
+            self._output_dir,
+            resume=self._settings.resume_from_checkpoint,
+            overwrite=self._settings.overwrite_output_dir,
+        )
+        self._lock: RunLock | None = None
         self._device = utils.get_device(device=self._settings.device)
         self._dtype = training.get_dtype(self._settings.dtype, device=self._device)
         self._split_validation = False  # one process: it validates on every task
         # one process here; the distributed recipe joins its process group at this point
         self._world_size, self._rank = self._init_processes()
+        if self._is_rank_zero:  # and no two jobs write into it at once
+            self._created_output_dir = not self._output_dir.exists()
+            self._lock = RunLock(self._output_dir).acquire()
+            if self._lock.took_over is not None:
+                log.warning(
+                    f"took over {self._lock.path} left by process {self._lock.took_over['pid']}, "
+                    "which is no longer running"
+                )
         self._seed = training.set_seed(seed=self._settings.seed)  # + rank, if distributed
         self._epochs = self._settings.epochs
         self._visits_done = 0
@@ -346,6 +368,8 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             self.validate(0)
         if self._pending_epoch_end is not None:
             self._finish_epoch(self._pending_epoch_end, tasks_per_second=None)
+        if self._validation_stalled():  # a resumed run that had already stopped
+            return
         for epoch in range(self._start_epoch, self._epochs):
             start = self._start_position if epoch == self._start_epoch else 0
             progress = tqdm(
@@ -387,6 +411,23 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                     {"train/tasks_per_second": tasks_per_second}, step=self._visits_done
                 )
             self._finish_epoch(epoch, tasks_per_second)
+            if self._validation_stalled():
+                utils.log_rank_zero(
+                    log,
+                    f"Stopped after epoch {epoch + 1}: validation accuracy has not improved for "
+                    f"{s.early_stopping_patience} epochs (early_stopping_patience)",
+                )
+                return
+
+    def _validation_stalled(self) -> bool:
+        """True when the last ``early_stopping_patience`` validations all failed to beat the
+        best one before them (the same rows on every rank)."""
+        patience = self._settings.early_stopping_patience
+        history = self._validation_history
+        if not patience or len(history) <= patience:
+            return False
+        best_before = max(r["accuracy"] for r in history[:-patience])
+        return all(r["accuracy"] <= best_before for r in history[-patience:])
 
     def _finish_epoch(self, epoch: int, tasks_per_second: float | None) -> None:
         """The epoch-end work: validation, then ``latest`` and ``epoch_{epoch}`` marked done."""
@@ -421,6 +462,18 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
     def cleanup(self) -> None:
         if self._metric_logger is not None:
             self._metric_logger.close()
+        self.release_output_dir()
+
+    def release_output_dir(self, *, failed_setup: bool = False) -> None:
+        """Drop the run lock; after a failed setup, also the directory the run created."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+            if failed_setup and self._created_output_dir:
+                try:
+                    self._output_dir.rmdir()  # only if nothing else was written
+                except OSError:
+                    pass
 
 
 def run(
@@ -431,20 +484,48 @@ def run(
     """Run the recipe; bad input ends the process with one message and status 2."""
     config.log_config(recipe_name=recipe_name or recipe_class.__name__, cfg=cfg)
     start = time.perf_counter()
+    recipe = None
     try:
         recipe = recipe_class(cfg=cfg)
         recipe.setup(cfg=cfg)
-    except (RecipeConfigError, CheckpointError, DataError, ConfigError) as err:
+    except (RecipeConfigError, CheckpointError, DataError, ConfigError, RunDirError) as err:
+        if recipe is not None:
+            recipe.release_output_dir(failed_setup=True)
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BaseException:
+        if recipe is not None:
+            recipe.release_output_dir(failed_setup=True)
+        raise
     try:
+        if recipe._settings.overwrite_output_dir and recipe._is_rank_zero:
+            removed = clear_previous_run(recipe._output_dir)
+            if removed:
+                log.info(f"overwrite_output_dir: removed the previous run's {', '.join(removed)}")
         recipe.train()
     except Exception as err:
+        recipe.release_output_dir()
+        if is_disk_full(err):
+            latest = Path(cfg.output_dir) / "checkpoints" / "latest"
+            intact = (
+                f"the last complete checkpoint {latest} is intact (resume with "
+                "resume_from_checkpoint=true once there is space)"
+                if checkpoint_exists(latest)
+                else "no checkpoint was complete yet"
+            )
+            tqdm.write(  # on its own line, below any progress bar
+                f"error: no space left on device while writing under {cfg.output_dir}; {intact}",
+                file=sys.stderr,
+            )
+            raise SystemExit(1) from None
         if recipe._world_size > 1:  # torchrun stops the other ranks and reports this one
             log.error(
                 f"rank {recipe._rank} of {recipe._world_size} failed ({type(err).__name__}: {err}); "
                 "the job stops"
             )
+        raise
+    except BaseException:
+        recipe.release_output_dir()
         raise
     recipe.cleanup()
     if recipe._is_rank_zero:

@@ -96,7 +96,7 @@ def main() -> int:
             resume = (ckpt / "latest" / "meta.json").is_file() or any(
                 ckpt.glob(".latest.*.complete")
             )
-            extra = ["resume_from_checkpoint=true"] if resume else []
+            extra = ["resume_from_checkpoint=true" if resume else "overwrite_output_dir=true"]
             # kill within the run's length; the last attempt of a trial runs to the end
             delay = rng.uniform(2.0, args.max_delay or length) if kills < 3 else None
             outcome, err = run(out, *extra, kill_after=delay)

@@ -278,3 +278,114 @@ def test_project_commands_do_not_print_torchaos_cpp_extension_notice():
     assert result.returncode == 0
     assert "cls45" in result.stdout
     assert "Skipping import of cpp extensions" not in result.stderr + result.stdout
+
+
+# ------------------------------------------------------------------ one run per directory
+
+QUICK = ("epochs=1", "stop_after_visits=2", "validation.max_tasks=1", "validation.adapt_steps=1")
+
+
+def _tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_run_never_overwrites_another_unless_asked(embedded_overrides, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = tune_run(out, embedded_overrides, *QUICK, capsys=capsys)
+    assert code == 0, err[-2000:]
+    before = _tree(out)
+    code, err = tune_run(out, embedded_overrides, *QUICK, "seed=1", capsys=capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert (
+        "holds another run" in lines[0] and "checkpoints/latest: epoch 0, 2 task visits" in lines[0]
+    )
+    for option in (
+        "resume_from_checkpoint=true",
+        "another output_dir",
+        "overwrite_output_dir=true",
+    ):
+        assert option in lines[0]
+    assert _tree(out) == before  # nothing written, nothing removed
+    # asked explicitly: the old run's files go first, so nothing of the two is mixed
+    (out / "checkpoints" / "epoch_7").mkdir()  # a stand-in for a longer old run's epochs
+    (out / "checkpoints" / "epoch_7" / "meta.json").write_text("{}")
+    code, err = tune_run(
+        out, embedded_overrides, *QUICK, "seed=1", "overwrite_output_dir=true", capsys=capsys
+    )
+    assert code == 0, err[-2000:]
+    assert not (out / "checkpoints" / "epoch_7").exists()
+    rows = (out / "validation.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [0]
+    assert not (out / ".run.lock").exists()  # released at the end
+    code, err = tune_run(
+        out, embedded_overrides, *QUICK, "resume_from_checkpoint=true",
+        "overwrite_output_dir=true", capsys=capsys,
+    )  # fmt: skip
+    assert code == 2 and "set one" in err
+
+
+def test_a_directory_in_use_is_refused_and_a_killed_runs_lock_taken_over(
+    embedded_overrides, tmp_path, capsys, caplog
+):
+    import os
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"pid": alive.pid, "host": socket.gethostname(), "started": 0}
+        (out / ".run.lock").write_text(json.dumps(holder))
+        code, err = tune_run(out, embedded_overrides, *QUICK, capsys=capsys)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1, err[-2000:]
+        assert f"in use by another run (process {alive.pid}" in lines[0]
+        assert sorted(os.listdir(out)) == [".run.lock"]  # nothing else written
+    finally:
+        alive.kill()
+        alive.wait()
+    # the holder is gone (killed): its lock is stale, taken over, and released at the end
+    code, err = tune_run(out, embedded_overrides, *QUICK, capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert f"took over {out / '.run.lock'} left by process {alive.pid}" in err + caplog.text
+    assert not (out / ".run.lock").exists() and (out / "checkpoints" / "latest").is_dir()
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(
+    embedded_overrides, tmp_path, capsys, monkeypatch
+):
+    from safetensors import SafetensorError
+
+    from abmll_tune import checkpointing
+
+    out = tmp_path / "run"
+    real, calls = checkpointing.save_file, []
+
+    def save_file(*args, **kwargs):  # the disk fills at the second write of latest/
+        if Path(args[1]).parent.name.startswith(".latest."):
+            calls.append(args[1])
+        if len(calls) > 1:
+            raise SafetensorError(
+                "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                '"No space left on device" })'
+            )
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "save_file", save_file)
+    code, err = tune_run(
+        out, embedded_overrides, "epochs=1", "save_every_n_visits=1", "validation.max_tasks=1",
+        "validation.adapt_steps=1", capsys=capsys,
+    )  # fmt: skip
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "no space left on device while writing under" in lines[0] and str(out) in lines[0]
+    assert f"{out / 'checkpoints' / 'latest'} is intact" in lines[0]
+    assert not list((out / "checkpoints").glob(".*"))  # no temporaries left
+    assert not (out / ".run.lock").exists()
+    monkeypatch.setattr(checkpointing, "save_file", real)
+    code, err = tune_run(
+        out, embedded_overrides, "epochs=1", "save_every_n_visits=1", "validation.max_tasks=1",
+        "validation.adapt_steps=1", "resume_from_checkpoint=true", capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err[-2000:]

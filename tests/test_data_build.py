@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from abmll_tune.data.build import BuildOptions, build_split, load_manifest
-from abmll_tune.data.records import DataError, MCExample, read_jsonl_examples
+from abmll_tune.data.records import DataError, MCExample, read_jsonl_examples, write_jsonl_examples
 from abmll_tune.data.sources import (
     METAICL_HUB_REVISION,
     MetaICLDirectory,
@@ -302,123 +303,252 @@ def test_hub_without_network_gives_one_clear_error(tmp_path):
     assert "allenai/metaicl-data/data/glue-rte/glue-rte_16_100_train.jsonl" in result.stdout
 
 
-def write_tsv(path: Path, rows):
+def write_tsv(path: Path, header: list[str], rows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "index\ttext\tanswer\n" + "".join(f"{i}\t{t}\t{a}\n" for i, (t, a) in enumerate(rows))
-    )
+    path.write_text("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
 
 
-def test_legalbench_conversion(tmp_path):
-    root = tmp_path / "legalbench" / "tasks"
-    labels3 = ["generic", "descriptive", "suggestive"]
-    write_tsv(root / "abercrombie" / "train.tsv", [(f"mark {i}", labels3[i % 3]) for i in range(6)])
-    write_tsv(
-        root / "abercrombie" / "test.tsv", [(f"test mark {i}", labels3[i % 3]) for i in range(9)]
+README = """# {name}
+
+### {name}
+
+**License**: [CC By 4.0](https://creativecommons.org/licenses/by/4.0/)
+
+**Task summary**: whether the Licensee or the Licensor may grant a license.
+"""
+
+
+def legalbench_fixture(root: Path) -> None:
+    """Tasks in both real layouts, one broken task and the cases that must be skipped."""
+    tasks = root / "tasks"
+    # the GitHub copy of 2023: label column `label`, a question beside the clause, combined
+    # by the task's base_prompt.txt (demonstrations first, then the query with its cue)
+    rows = [(["Yes", "No"][i % 2], f"clause {i}", f"question {i}?") for i in range(10)]
+    write_tsv(tasks / "contract_qa" / "train.tsv", ["label", "text", "question"], rows[:6])
+    write_tsv(tasks / "contract_qa" / "test.tsv", ["label", "text", "question"], rows[6:])
+    (tasks / "contract_qa" / "base_prompt.txt").write_text(
+        "Answer Yes or No.\n\nClause: a demo clause\nQuestion: a demo?\nA: Yes\n\n"
+        "Clause: {{text}}\nQuestion: {{question}}\nA:"
     )
-    (root / "abercrombie" / "README.md").write_text("# abercrombie\n\n**License**: CC BY 4.0\n")
-    labels5 = ["a", "b", "c", "d", "e"]
-    write_tsv(root / "five_way" / "train.tsv", [(f"x {i}", labels5[i]) for i in range(5)])
-    write_tsv(root / "five_way" / "test.tsv", [(f"y {i}", labels5[i]) for i in range(5)])
-    write_tsv(
-        root / "hearsay" / "train.tsv", [(f"said {i}", ["Yes", "No"][i % 2]) for i in range(8)]
-    )
-    write_tsv(
-        root / "hearsay" / "test.tsv", [(f"heard {i}", ["Yes", "No"][i % 2]) for i in range(6)]
-    )
+    (tasks / "contract_qa" / "README.md").write_text(README.format(name="contract_qa"))
+    # the Hub's layout: `index`, `answer`, `text` and a metadata column its prompt ignores
+    hub = [(str(i), ["Yes", "No"][i % 2], f"evidence {i}", "slice") for i in range(30)]
+    write_tsv(tasks / "hearsay" / "train.tsv", ["index", "answer", "text", "slice"], hub[:20])
+    write_tsv(tasks / "hearsay" / "test.tsv", ["index", "answer", "text", "slice"], hub[20:])
+    (tasks / "hearsay" / "base_prompt.txt").write_text("Q: {{text}} Is there hearsay?\nA:")
+    # no prompt, text only: kept as is; no README
+    plain = [(str(i), f"case {i}", ["overruled", "not"][i % 2]) for i in range(8)]
+    write_tsv(tasks / "overruling" / "train.tsv", ["index", "text", "answer"], plain[:4])
+    write_tsv(tasks / "overruling" / "test.tsv", ["index", "text", "answer"], plain[4:])
+    # skipped: a short row (broken file), several inputs without a prompt, a prompt naming
+    # a column the files lack, five labels
+    write_tsv(tasks / "broken" / "train.tsv", ["index", "text", "answer"], [("0", "x")])
+    write_tsv(tasks / "broken" / "test.tsv", ["index", "text", "answer"], [("0", "x", "Yes")])
+    multi = [(f"t{i}", f"s{i}", ["Yes", "No"][i % 2]) for i in range(4)]
+    write_tsv(tasks / "lobbying" / "train.tsv", ["bill_title", "bill_summary", "label"], multi)
+    write_tsv(tasks / "lobbying" / "test.tsv", ["bill_title", "bill_summary", "label"], multi)
+    write_tsv(tasks / "rule" / "train.tsv", ["text", "answer"], [("r", "Yes"), ("s", "No")])
+    write_tsv(tasks / "rule" / "test.tsv", ["text", "answer"], [("r", "Yes"), ("s", "No")])
+    (tasks / "rule" / "base_prompt.txt").write_text("Rule: {{rule}}\nText: {{text}}\nA:")
+    five = [(f"m{i}", "abcde"[i]) for i in range(5)]
+    write_tsv(tasks / "five_way" / "train.tsv", ["text", "label"], five)
+    write_tsv(tasks / "five_way" / "test.tsv", ["text", "label"], five)
+
+
+def test_legalbench_conversion_reads_both_layouts_and_skips_what_it_cannot_use(tmp_path):
+    legalbench_fixture(tmp_path / "legalbench")
     out = tmp_path / "converted"
-    summary = convert_legalbench(tmp_path / "legalbench", out, k=4, seeds=(100, 13))
-    assert summary["skipped"] == {"5 labels (need 2 to 4)": 1}
-    assert summary["tasks"]["legalbench-abercrombie"]["license"] == "CC BY 4.0"
-    assert summary["tasks"]["legalbench-hearsay"]["license"] == "see tasks/hearsay/README.md"
+    summary = convert_legalbench(tmp_path / "legalbench", out, k=5, seeds=(100, 13))
+    assert set(summary["tasks"]) == {
+        "legalbench-contract_qa", "legalbench-hearsay", "legalbench-overruling"
+    }  # fmt: skip
+    assert {r: sorted(t) for r, t in summary["skipped"].items()} == {
+        "unreadable TSV": ["broken"],
+        "several input columns and no base_prompt.txt to combine them": ["lobbying"],
+        "base_prompt.txt uses a column the files lack": ["rule"],
+        "more than 4 labels (not multiple choice)": ["five_way"],
+    }
+    assert (
+        "broken/train.tsv:2: row has fewer columns"
+        in summary["skipped"]["unreadable TSV"]["broken"]
+    )
+    assert summary["tasks"]["legalbench-contract_qa"]["license"] == "CC BY 4.0"
+    assert summary["tasks"]["legalbench-overruling"]["license"].startswith("see LegalBench's")
+    # every input column the prompt names, the author's way, without its demonstrations
     support = read_jsonl_examples(
-        out / "legalbench-abercrombie" / "legalbench-abercrombie_4_13_train.jsonl"
+        out / "legalbench-contract_qa" / "legalbench-contract_qa_5_100_train.jsonl"
     )
-    test = read_jsonl_examples(
-        out / "legalbench-abercrombie" / "legalbench-abercrombie_4_13_test.jsonl"
+    assert {e.input for e in support} <= {
+        f"Clause: clause {i}\nQuestion: question {i}?" for i in range(6)
+    } and len(support) == 5  # fmt: skip
+    assert support[0].options == ("No", "Yes")
+    hearsay = read_jsonl_examples(out / "legalbench-hearsay" / "legalbench-hearsay_5_13_test.jsonl")
+    assert hearsay[0].input == "Q: evidence 20 Is there hearsay?" and len(hearsay) == 10
+    # support sets smaller than k: the whole train split, reported, the same for every seed
+    assert summary["support_smaller_than_k"] == {"legalbench-overruling": 4}
+    seeds = [
+        read_jsonl_examples(
+            out / "legalbench-overruling" / f"legalbench-overruling_5_{s}_train.jsonl"
+        )
+        for s in (100, 13)
+    ]
+    assert seeds[0] == seeds[1] and len(seeds[0]) == 4
+    meta = read_jsonl_examples(
+        out / "legalbench-hearsay" / "legalbench-hearsay_16384_100_train.jsonl"
     )
-    assert len(support) == 4 and len(test) == 9
-    assert all(e.options == tuple(sorted(labels3)) and e.output in labels3 for e in support + test)
+    assert len(meta) == 30  # a training task's meta-training file: all its questions
+    assert json.loads((out / "conversion.json").read_text())["skipped"] == summary["skipped"]
     # the converted tasks plug into a user split and the data command
     split = tmp_path / "legal.yaml"
     split.write_text(
         (out / "tasks.yaml").read_text()
-        + "splits:\n  legal:\n    train: [legalbench-hearsay]\n    test: [legalbench-abercrombie]\n"
+        + "splits:\n  legal:\n    train: [legalbench-hearsay]\n    test: [legalbench-contract_qa]\n"
     )
-    options = dict(split_files=[str(split)], k=4, seeds=(100, 13), train_k=4, train_seed=100)
+    options = dict(split_files=[str(split)], k=5, seeds=(100, 13))
     manifest = build_split(
         BuildOptions(split="legal", source=str(out), out=str(tmp_path / "built"), **options),
         **quiet(),
     )
-    assert manifest["tasks"]["legalbench-hearsay"]["train"]["counts"] == {"train": 4}
-    eval_entry = manifest["tasks"]["legalbench-abercrombie"]["eval"]
-    assert eval_entry["labels"] == sorted(labels3) and eval_entry["license"] == "CC BY 4.0"
-    assert eval_entry["counts"]["validation"] + eval_entry["counts"]["test"] == 9
+    assert manifest["tasks"]["legalbench-hearsay"]["train"]["counts"] == {"train": 30}
+    eval_entry = manifest["tasks"]["legalbench-contract_qa"]["eval"]
+    assert eval_entry["labels"] == ["No", "Yes"] and eval_entry["license"] == "CC BY 4.0"
+    # nothing usable at all is the only error
+    only_broken = tmp_path / "only_broken" / "tasks"
+    shutil.copytree(tmp_path / "legalbench" / "tasks" / "broken", only_broken / "broken")
+    with pytest.raises(DataError, match="no usable LegalBench task .*unreadable TSV: 1"):
+        convert_legalbench(only_broken.parent, tmp_path / "x", k=5)
+    assert not (tmp_path / "x").exists()
 
 
-def test_chembench_conversion_from_json_and_parquet(tmp_path):
+def test_legalbench_command_reports_once_per_reason(tmp_path):
+    legalbench_fixture(tmp_path / "legalbench")
+    result = subprocess.run(
+        [sys.executable, "-m", "abmll_tune.data", "convert-legalbench", "--source",
+         str(tmp_path / "legalbench"), "--out", str(tmp_path / "out"), "--k", "5"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "converted 3 tasks (48 questions)" in lines
+    assert sum(line.startswith("skipped ") for line in lines) == 4
+    support = [line for line in lines if line.startswith("support:")]
+    assert len(support) == 1 and "the same for every seed" in support[0]
+
+
+def test_license_line_is_read_from_its_key_only(tmp_path):
+    from abmll_tune.data.sources import _license_from_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("The Licensee may grant a license.\n\n**License**: [CC BY-NC 4.0](x)\n")
+    assert _license_from_readme(readme) == "CC BY-NC 4.0"
+    readme.write_text("## Licensor\n\nGrant of licence below\n\n**License**: MIT\n")
+    assert _license_from_readme(readme) == "MIT"
+    readme.write_text("Licensed to the Licensee.\n")
+    assert _license_from_readme(readme) is None
+
+
+def _chem_question(uuid, options, correct, **meta):
+    scores = {o: int(o == correct) for o in options}
+    return {
+        "uuid": uuid,
+        **meta,
+        "examples": [{"input": f"question {uuid}", "target_scores": scores}],
+    }
+
+
+def test_chembench_topics_from_nested_folders_and_parquet_are_the_same(tmp_path):
     import datasets
 
-    src = tmp_path / "chembench"
-    (src / "organic").mkdir(parents=True)
-    good = [
-        {
-            "uuid": f"q{i}",
-            "examples": [
-                {
-                    "input": f"Which is an alkane? {i}",
-                    "target_scores": {"CH4": 1, "C2H4": 0, "C2H2": 0},
-                }
-            ],
-        }
-        for i in range(6)
-    ]
-    skipped = [
-        {"uuid": "multi", "examples": [{"input": "two right", "target_scores": {"A": 1, "B": 1}}]},
-        {"uuid": "numeric", "examples": [{"input": "how many", "target": "3"}]},
-        {
-            "uuid": "five",
-            "examples": [
-                {"input": "five", "target_scores": {"a": 1, "b": 0, "c": 0, "d": 0, "e": 0}}
-            ],
-        },
-    ]
-    for item in good + skipped:
-        (src / "organic" / f"{item['uuid']}.json").write_text(json.dumps(item))
-    rows = [
-        {
-            "uuid": f"p{i}",
-            "subfield": "analytical",
-            "examples": [{"input": f"pH {i}?", "target_scores": json.dumps({"7": 1, "1": 0})}],
-        }
-        for i in range(5)
-    ]
-    datasets.Dataset.from_list(rows).to_parquet(str(src / "analytical-00000.parquet"))
-    out = tmp_path / "converted"
-    summary = convert_chembench(src, out, k=2, seeds=(100, 13))
-    assert summary["skipped"] == {
-        "not exactly one correct option": 1,
-        "not multiple choice": 1,
-        "more than 4 options": 1,
-    }
-    assert set(summary["tasks"]) == {"chembench-organic", "chembench-analytical"}
-    assert summary["tasks"]["chembench-organic"]["license"] == "MIT"
-    support = read_jsonl_examples(out / "chembench-organic" / "chembench-organic_2_100_train.jsonl")
-    test = read_jsonl_examples(out / "chembench-organic" / "chembench-organic_2_100_test.jsonl")
-    assert (
-        len(support) == 2
-        and support[0].output == "CH4"
-        and support[0].options == ("CH4", "C2H4", "C2H2")
+    opts = ["A", "B", "C", "D"]
+    json_root = tmp_path / "json" / "data"
+
+    def put(folder, q):
+        (json_root / folder).mkdir(parents=True, exist_ok=True)
+        (json_root / folder / f"{q['uuid']}.json").write_text(json.dumps(q))
+
+    for country in ("uk", "us", "moldova"):  # three small nested topics: merged into icho
+        for i in range(8):
+            put(f"icho/{country}/2022", _chem_question(f"{country}{i}", opts, opts[i % 3]))
+    for i in range(20):
+        put("organic", _chem_question(f"org{i}", opts, opts[i % 2]))
+    for i in range(20):  # a question's own subfield names its topic, wherever its file is
+        put("elsewhere", _chem_question(f"sf{i}", opts, "B", subfield="organic"))
+    put("tiny_topic", _chem_question("tiny", opts, "A"))
+    put("tiny_topic", {"uuid": "numeric", "examples": [{"input": "n?", "target": "3"}]})
+    put(
+        "tiny_topic",
+        {"uuid": "two", "examples": [{"input": "t", "target_scores": {"A": 1, "B": 1}}]},
     )
+    summary = convert_chembench(tmp_path / "json", tmp_path / "from_json", k=2, min_test=10)
+    assert set(summary["tasks"]) == {"chembench-icho", "chembench-organic"}
+    assert summary["topics"]["chembench-icho"]["merged"] == [
+        "icho/moldova", "icho/moldova/2022", "icho/uk", "icho/uk/2022", "icho/us", "icho/us/2022"
+    ]  # fmt: skip
+    assert summary["counts"]["chembench-icho"]["questions"] == 24
+    assert summary["counts"]["chembench-organic"]["questions"] == 40
+    assert summary["skipped"] == {"fewer than k + 10 = 12 questions": {"tiny_topic": "1 questions"}}
+    assert summary["skipped_questions"] == {
+        "not multiple choice (numeric or free answer)": 1, "not exactly one correct option": 1
+    }  # fmt: skip
+    counts = summary["counts"]["chembench-icho"]
+    assert counts["support_pool"] == 4 and counts["test"] == 20 and counts["dead_options"] == 1
+    # the Hub's layout: one parquet per topic, the same topic names
+    for topic in ("icho", "organic"):
+        rows = []
+        for i in range(14):
+            q = _chem_question(f"{topic}{i}", opts, "C")
+            example = dict(
+                q["examples"][0], target_scores=json.dumps(q["examples"][0]["target_scores"])
+            )
+            rows.append(dict(q, examples=[example]))
+        path = tmp_path / "hub" / topic / "train-00000-of-00001.parquet"
+        path.parent.mkdir(parents=True)
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    hub = convert_chembench(tmp_path / "hub", tmp_path / "from_hub", k=2, min_test=10)
+    assert set(hub["tasks"]) == set(summary["tasks"])
+    folder = tmp_path / "from_hub" / "chembench-organic"
     pool = {
         e.id
         for s in (100, 13)
-        for e in read_jsonl_examples(
-            out / "chembench-organic" / f"chembench-organic_2_{s}_train.jsonl"
-        )
+        for e in read_jsonl_examples(folder / f"chembench-organic_2_{s}_train.jsonl")
     }
-    assert not pool & {e.id for e in test} and len(pool) + len(test) == 6
-    analytical = read_jsonl_examples(
-        out / "chembench-analytical" / "chembench-analytical_2_13_test.jsonl"
+    test = read_jsonl_examples(folder / "chembench-organic_2_100_test.jsonl")
+    assert len(test) == 10 and not pool & {e.id for e in test} and len(pool) <= 4
+
+
+def test_table3_split_reads_a_metaicl_directory_and_a_converted_folder(tmp_path):
+    from abmll_tune.data.splits import load_registry
+
+    legalbench_fixture(tmp_path / "legalbench")
+    converted = tmp_path / "legal_src"
+    convert_legalbench(tmp_path / "legalbench", converted, k=4, seeds=(100, 13))
+    metaicl = tmp_path / "metaicl"  # two training tasks in MetaICL's meta-training layout
+    for task in ("glue-rte", "superglue-rte"):
+        rows = [
+            MCExample(
+                task, f"{task} premise {i}", ["yes", "no"][i % 2], ("no", "yes"), f"{task}:{i}"
+            )
+            for i in range(12)
+        ]
+        write_jsonl_examples(metaicl / task / f"{task}_16384_100_train.jsonl", rows)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(
+        "splits:\n  tiny_table3:\n    train: [glue-rte, superglue-rte]\n"
+        "    test: {source: legalbench}\n"
     )
-    assert all(isinstance(e, MCExample) and e.output == "7" for e in analytical)
+    manifest = build_split(
+        BuildOptions(split="tiny_table3", source=[str(metaicl), str(converted)],
+                     out=str(tmp_path / "built"), split_files=[str(mine)], k=4, seeds=(100, 13)),
+        **quiet(),
+    )  # fmt: skip
+    assert manifest["split"]["train"] == ["glue-rte", "superglue-rte"]
+    assert manifest["split"]["test"] == [
+        "legalbench-contract_qa", "legalbench-hearsay", "legalbench-overruling"
+    ]  # fmt: skip
+    assert manifest["tasks"]["legalbench-contract_qa"]["eval"]["license"] == "CC BY 4.0"
+    # the shipped Table-3 splits name cls-45's training tasks and say what is missing
+    registry = load_registry([converted / "tasks.yaml"])
+    split = registry.split("cls45_legalbench")
+    assert split.train == registry.split("cls45").train and len(split.test) == 3
+    with pytest.raises(DataError, match="no chembench task is known: convert them"):
+        load_registry().split("cls45_chembench")

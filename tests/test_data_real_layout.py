@@ -249,7 +249,7 @@ def test_dead_options_are_reported_and_dropped_only_on_request(tmp_path):
     manifest, lines = build(tmp_path, root, ["irony"], ["ev-a"])
     assert manifest["tasks"]["irony"]["train"]["dead_options"] == ["0", "1"]
     assert manifest["tasks"]["ev-a"]["eval"]["dead_options"] == []
-    assert any("never the answer: ['0', '1']" in line for line in lines)
+    assert any("never the answer: 2 options: '0', '1'" in line for line in lines)
     assert BuiltSplit(tmp_path / "out").train("irony")[0].options == ("0", "1", "hate", "non-irony")
     manifest, _ = build(tmp_path, root, ["irony"], ["ev-a"], out="o2", drop_dead_options=True)
     assert BuiltSplit(tmp_path / "o2").train("irony")[0].options == ("hate", "non-irony")

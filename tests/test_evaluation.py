@@ -80,6 +80,28 @@ def test_tasks_start_from_a_fresh_copy_so_order_does_not_matter(data, method):
     ]
 
 
+@pytest.mark.parametrize("method", ["abmll", "reptile"])
+def test_zero_step_evaluation_scores_the_global_adapters_not_a_stale_local_copy(data, method):
+    """adapt_steps=0 is adaptation from no examples: the task's local pairs start from the
+    global ones, whatever the local pairs held (after training: the last task's)."""
+    from abmll_tune.modules import set_adapter_mode
+
+    model = model_for(method)  # local and global pairs drawn independently: they differ
+    settings = EvalSettings(seeds=(100,), adapt_steps=0, samples=(1,), eval_batch_size=32)
+    trained = METHODS[method]()
+    records = evaluate_tasks(model, data, ["emb-test-00"], settings, method=trained)
+    _, heldout = data.eval_task("emb-test-00", 100, "test")
+    batch = heldout_batches(heldout, batch_size=len(heldout), pad_id=data.pad_id)[0]
+    expected = {}
+    for mode in ("global_mean", "local_mean"):
+        set_adapter_mode(model, mode)
+        with torch.no_grad():
+            expected[mode] = option_probabilities(model.eval(), batch)
+    assert not torch.allclose(expected["global_mean"], expected["local_mean"], equal_nan=True)
+    got = pad_probs([r["probs"] for r in records if r["variant"] == "mean"])
+    np.testing.assert_allclose(got, expected["global_mean"].double().numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_pruning_zero_is_no_pruning_and_levels_zero_the_requested_fraction(data):
     model = model_for("reptile")
     _, heldout = data.eval_task("emb-test-00", 100, "test")

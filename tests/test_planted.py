@@ -183,5 +183,103 @@ def test_benchmark_excess_nll_is_the_kl_to_the_oracle():
             for a, b in zip(rows_p, rows_q, strict=True)
         ]
     )
-    assert scores(q, gold, p)["excess_nll"] == pytest.approx(want, rel=1e-9)
-    assert scores(p, gold, p)["excess_nll"] == pytest.approx(0.0, abs=1e-12)
+    assert scores(q, gold, p, q)["excess_nll"] == pytest.approx(want, rel=1e-9)
+    assert scores(p, gold, p, q)["excess_nll"] == pytest.approx(0.0, abs=1e-12)
+    # the function-space distance to the prior predictive is the same KL, other reference
+    assert scores(q, gold, q, p)["kl_from_prior"] == pytest.approx(want, rel=1e-9)
+
+
+def test_jackknife_standard_error_of_a_mean_is_the_textbook_one():
+    # for a statistic linear in the draws the delete-one jackknife is exactly s / sqrt(n)
+    draws = np.random.default_rng(1).normal(size=(7, 3, 40))
+    value, se = planted.jackknife(draws, lambda p: p[:, 0].mean())
+    per_draw = draws[:, 0, :].mean(axis=0)
+    assert value == pytest.approx(per_draw.mean(), rel=1e-12)
+    assert se == pytest.approx(per_draw.std(ddof=1) / np.sqrt(40), rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def wide_family(embedded_backbone, embedded_source, tmp_path_factory):
+    """A small family with enough prior draws for a Monte Carlo comparison."""
+    out = tmp_path_factory.mktemp("planted_wide") / "family"
+    small = dict(n_train=1, n_val=1, n_test=2, examples_per_task=64)
+    generate_family(
+        PlantedFamily(spread=1.0, seed=5, **small),
+        embedded_backbone,
+        embedded_source / "tokenizer",
+        out,
+        prior_samples=48,
+    )
+    return out
+
+
+def test_truth_model_before_adaptation_is_the_prior_predictive(
+    wide_family, embedded_source, tmp_path
+):
+    """Rung (a) of the planted benchmark: an ABMLL model whose global Gaussian is (theta*,
+    sigma*) predicts, by sampling it, what the family's prior predictive does, within their
+    two Monte Carlo errors; the global mean alone (sigma set aside) does not."""
+    from abmll_tune.checkpointing import adapter_state
+    from abmll_tune.data.build import BuildOptions, build_split
+    from abmll_tune.data.loader import TaskData, heldout_batches
+    from abmll_tune.embedded.backbone import TINY_EMBEDDED
+    from abmll_tune.embedded.suite import llama3_tokenizer
+    from abmll_tune.evaluation import score
+    from abmll_tune.metrics import pad_probs
+    from abmll_tune.models import abmll_llama3
+
+    built = tmp_path / "built"
+    build_split(
+        BuildOptions(split="planted", source=str(wide_family), out=str(built),
+                     split_files=[str(wide_family / "splits.yaml")], k=5),
+        progress=False,
+        log=lambda *_: None,
+    )  # fmt: skip
+    data = TaskData(
+        str(built), llama3_tokenizer(embedded_source / "tokenizer"), max_seq_len=planted.PROMPT_LEN
+    )
+    config = dict(lora_rank=planted.RANK, lora_alpha=planted.ALPHA, std_param="exp",
+                  sigma_floor_w0_fraction=0.1)  # fmt: skip
+    torch.manual_seed(0)
+    model = abmll_llama3(list(planted.TARGETS), sampling="weight", **config, **TINY_EMBEDDED)
+    base, _ = planted.load_backbone(wide_family / "backbone")
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all("lora" in k for k in missing)
+    truth = planted.truth_adapters(wide_family, adapter_state(model), config)
+    model.load_state_dict(truth, strict=False)
+    model.eval()
+    batches, ids = [], []
+    for task in PlantedFamily(spread=1.0, seed=5, n_test=2).task_names()["test"]:
+        _, heldout = data.eval_task(task, 100, "test")
+        batches += heldout_batches(heldout, batch_size=64, pad_id=data.pad_id)
+        ids += [q.id for q in heldout]
+    oracle = read_oracle(wide_family)
+    gold = np.array([oracle[i]["gold"] for i in ids])
+    reference = planted.read_prior_draws(wide_family, ids)  # (n, 4, 48)
+    draws = np.stack(
+        [pad_probs(score(model, batches, "global_sample", 1)) for _ in range(48)], axis=-1
+    )
+
+    reference = reference[:, : draws.shape[1]]  # both NaN past each question's options
+
+    def nll(p):
+        return float(-np.log(p[np.arange(len(gold)), gold]).mean())
+
+    def kl(p, q):  # mean over questions of KL(p || q), NaN past a question's options
+        return float(np.nansum(p * (np.log(p) - np.log(q)), axis=1).mean())
+
+    # the sampled labels: the model's NLL within the two Monte Carlo errors of the reference's
+    want, want_se = planted.jackknife(reference, nll)
+    got, got_se = planted.jackknife(draws, nll)
+    assert want == pytest.approx(
+        nll(pad_probs([oracle[i]["prior_predictive"] for i in ids])), rel=1e-5
+    )
+    assert abs(got - want) <= 3 * np.hypot(want_se, got_se), (got, want, want_se, got_se)
+    # per question: as close to the reference as two halves of the reference's own draws
+    # are to each other (Monte Carlo noise alone), where the global mean without sigma*
+    # (the global teacher) is far
+    half = reference.shape[-1] // 2
+    noise = kl(reference[..., :half].mean(-1), reference[..., half:].mean(-1))
+    truth = kl(reference.mean(-1), draws.mean(-1))
+    mean_only = kl(reference.mean(-1), pad_probs(score(model, batches, "global_mean", 1)))
+    assert truth <= noise and mean_only > 3 * noise, (truth, noise, mean_only)

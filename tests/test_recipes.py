@@ -4,6 +4,7 @@ Most runs execute the CLI in-process (patched argv, runpy), as torchtune's own r
 tests do, to save the ~6-10 s of imports per run; one runs it as a subprocess.
 """
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -173,3 +174,17 @@ def test_reptile_recipe_through_the_tune_cli_subprocess(overrides, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint {out}/checkpoints/latest" in result.stdout
     assert (out / "checkpoints" / "epoch_0" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_early_stopping_ends_training_when_validation_stops_improving(overrides, tmp_path, capsys):
+    # Reptile whose outer step is zero: the global adapters never move, so validation after
+    # epoch 1 equals epoch 0's and patience 1 ends the run there (of 3 epochs)
+    out = tmp_path / "stalled"
+    code, err = tune_run(
+        "reptile", out, overrides, "epochs=3", "early_stopping_patience=1",
+        "method.outer_step_mean=0.0", "validation.max_tasks=2", capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err[-2000:]
+    rows = [json.loads(x) for x in (out / "validation.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[0]["accuracy"] == rows[1]["accuracy"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("epoch_*")) == ["epoch_0"]

@@ -9,7 +9,8 @@ import torch
 from abmll_tune.evaluation import EvalSettings
 from abmll_tune.methods import ABMLL
 from abmll_tune.modules import gaussian
-from abmll_tune.settings import check_settings, render_readme, setting
+from abmll_tune.settings import check_settings, setting
+from abmll_tune.settings_tables import render_readme
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -18,7 +19,7 @@ def test_the_readme_tables_are_generated_from_the_settings_classes():
     text = README.read_text()
     for name in ("RecipeSettings", "ABMLL", "Reptile", "StructuredLoRA", "EvalSettings"):
         assert f"<!-- settings: {name} -->" in text
-    assert render_readme(text) == text, "run: python -m abmll_tune.settings README.md"
+    assert render_readme(text) == text, "run: python -m abmll_tune.settings_tables README.md"
 
 
 def test_a_drifted_table_is_detected():

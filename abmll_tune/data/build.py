@@ -57,7 +57,7 @@ from abmll_tune.data.records import (
     skip_fewer_options,
     write_jsonl_examples,
 )
-from abmll_tune.data.sources import METAICL_SEEDS, metaicl_name, open_source
+from abmll_tune.data.sources import METAICL_SEEDS, metaicl_name, open_source, source_task_files
 from abmll_tune.data.splits import Split, load_registry
 from abmll_tune.io import atomic_directory, atomic_write_json
 
@@ -71,7 +71,7 @@ class BuildOptions:
     """Options of the data command (defaults: MetaICL's files, the paper's cap)."""
 
     split: str
-    source: str
+    source: str | list[str]  # several: each task from the first that has its files
     out: str
     split_files: list[str] = field(default_factory=list)
     k: int = 16
@@ -217,7 +217,8 @@ def build_split(opts: BuildOptions, progress: bool = True, log=print) -> dict:
         raise DataError(
             f"train_source {opts.train_source!r} is not one of {', '.join(TRAIN_SOURCES)}"
         )
-    registry = load_registry(opts.split_files)
+    # a converted folder's tasks.yaml names its tasks: they join the registry with it
+    registry = load_registry([*source_task_files(opts.source), *opts.split_files])
     split: Split = registry.split(opts.split)
     source = open_source(opts.source, opts.revision)
     out = Path(opts.out)
@@ -351,7 +352,7 @@ def build_split(opts: BuildOptions, progress: bool = True, log=print) -> dict:
                     raise DataError(
                         f"task {task!r} has {len(heldout)} held-out examples: too few for "
                         "disjoint validation and test parts",
-                        opts.source,
+                        source.describe(),
                     )
                 for part, idx in (("validation", order[:n_val]), ("test", order[n_val:])):
                     chosen = [heldout[i] for i in sorted(idx)]
@@ -480,8 +481,11 @@ def _report(manifest: dict, log, seconds: float) -> None:
                 f"{sum(entry['skipped'].values()):>9}{sum(entry['repaired'].values()):>9}"
                 f"  {entry['license']}"
             )
-            if entry["dead_options"]:
-                log(f"  {'':<40}never the answer: {entry['dead_options']}")
+            dead = entry["dead_options"]
+            if dead:  # one line: a task of one-off options (ChemBench) has hundreds
+                shown = ", ".join(repr(o[:30]) for o in dead[:3])
+                more = f" and {len(dead) - 3} more (manifest.json)" if len(dead) > 3 else ""
+                log(f"  {'':<40}never the answer: {len(dead)} options: {shown}{more}")
     split = manifest["split"]
     parts = [
         f"{len(split['train'])} train + {len(dict.fromkeys(split['validation'] + split['test']))} "

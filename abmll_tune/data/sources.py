@@ -201,10 +201,48 @@ class MetaICLHub:
         )
 
 
-def open_source(spec: str, revision: str | None = None):
-    """``metaicl-hub`` (or ``hub:<dataset id>``) for the Hub, else a local directory.
+class SourceChain:
+    """Several sources read as one: each task from the first source that has files for it
+    (a MetaICL directory plus converted LegalBench or ChemBench folders)."""
+
+    def __init__(self, sources: list):
+        self.sources = sources
+
+    def describe(self) -> str:
+        return " + ".join(s.describe() for s in self.sources)
+
+    def _owner(self, task: str):
+        return next((s for s in self.sources if s.task_files(task)), self.sources[0])
+
+    def task_files(self, task: str) -> set[str]:
+        return self._owner(task).task_files(task)
+
+    def read_file(self, task: str, name: str, **kwargs):
+        return self._owner(task).read_file(task, name, **kwargs)
+
+    def read(self, task: str, k: int, seed: int, part: str, **kwargs):
+        return self.read_file(task, metaicl_name(task, k, seed, part), **kwargs)
+
+
+def source_task_files(specs: str | list[str]) -> list[Path]:
+    """The ``tasks.yaml`` of every local source directory that has one (what the
+    converters write): its tasks join the registry when the directory is a source."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    return [
+        Path(s) / "tasks.yaml"
+        for s in specs
+        if s != "metaicl-hub" and not s.startswith("hub:") and (Path(s) / "tasks.yaml").is_file()
+    ]
+
+
+def open_source(spec: str | list[str], revision: str | None = None):
+    """``metaicl-hub`` (or ``hub:<dataset id>``) for the Hub, else a local directory; a
+    list of them is read as one (:class:`SourceChain`).
 
     ``metaicl-hub`` reads :data:`METAICL_HUB_REVISION` unless ``revision`` is given."""
+    if not isinstance(spec, str):
+        sources = [open_source(s, revision) for s in spec]
+        return sources[0] if len(sources) == 1 else SourceChain(sources)
     if spec == "metaicl-hub":
         return MetaICLHub(METAICL_HUB_REPO, revision or METAICL_HUB_REVISION)
     if spec.startswith("hub:"):
@@ -236,14 +274,128 @@ def _write_metaicl_task(
         write_jsonl_examples(root / metaicl_file(task, k, seed, "test"), test)
 
 
-def _license_from_readme(readme: Path) -> str | None:
-    if not readme.is_file():
+# MetaICL's name for a task's meta-training file (all of a converted task's questions):
+# what ``--train-source auto`` reads first for a training task
+CONVERTED_TRAIN_K, CONVERTED_TRAIN_SEED = 16384, 100
+
+
+def _readme(directory: Path) -> Path | None:
+    found = [p for p in directory.glob("*") if p.is_file() and p.stem.lower() == "readme"]
+    return sorted(found)[0] if found else None
+
+
+def _license_from_readme(readme: Path | None) -> str | None:
+    """The value of the README's licence line (``**License**: [CC By 4.0](url)`` gives
+    ``CC BY 4.0``): only a line that starts with the key, never a mention in the text."""
+    if readme is None or not readme.is_file():
         return None
     for line in readme.read_text(encoding="utf-8", errors="replace").splitlines():
-        match = re.search(r"licen[cs]e\W*[:\-]?\s*(.+)", line, flags=re.IGNORECASE)
-        if match and match.group(1).strip(" *`[]"):
-            return match.group(1).strip(" *`")
+        match = re.match(r"^[\s*_#>-]*licen[cs]e[\s*_]*:[\s*_]*(.+)$", line, flags=re.IGNORECASE)
+        if not match:
+            continue
+        value = match.group(1).strip()
+        link = re.match(r"^\[([^\]]+)\]\([^)]*\)", value)  # a markdown link: its text
+        value = (link.group(1) if link else value).strip(" *_`.")
+        if re.match(r"(?i)^cc[\s-]", value):  # "CC By 4.0", "cc by-nc 4.0" -> "CC BY ..."
+            value = value.upper()
+        if value:
+            return value
     return None
+
+
+class _Skip(Exception):
+    """A task that cannot be converted: its reason (counted) and the detail (listed)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+LEGALBENCH_LABEL_COLUMNS = ("answer", "label")  # the Hub's name first, then GitHub 2023's
+LEGALBENCH_ID_COLUMNS = ("index", "idx", "id")
+_PLACEHOLDER = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
+
+
+def legalbench_query_template(prompt: str) -> str:
+    """The question part of a LegalBench ``base_prompt.txt``: from the paragraph holding
+    the first ``{{column}}`` placeholder to the end (the few-shot examples before it are
+    the author's demonstrations, not the input), without the answer cue after the last
+    placeholder (``A:``, ``Label:``; the project's prompt adds its own)."""
+    first = _PLACEHOLDER.search(prompt)
+    if first is None:
+        raise _Skip("base_prompt.txt has no {{column}} placeholder")
+    cut = prompt.rfind("\n\n", 0, first.start())
+    start = 0 if cut < 0 else cut + 2
+    lines = prompt[start:].rstrip().splitlines()
+    while (
+        lines and not _PLACEHOLDER.search(lines[-1]) and re.fullmatch(r"[^:]{0,40}:\s*", lines[-1])
+    ):
+        lines.pop()
+    return "\n".join(lines).strip()
+
+
+def _legalbench_task(task_dir: Path, name: str, max_options: int):
+    """(train, test, labels, template used) of one LegalBench task; raises _Skip."""
+    parts = {}
+    for part in ("train", "test"):
+        path = task_dir / f"{part}.tsv"
+        if not path.is_file():
+            raise _Skip(f"no {part}.tsv", f"{path.name} missing")
+        try:
+            parts[part] = _read_tsv_rows(path)
+        except DataError as err:
+            raise _Skip("unreadable TSV", str(err)) from None
+    columns = list(parts["test"][0][1]) if parts["test"] else []
+    label_col = next((c for c in LEGALBENCH_LABEL_COLUMNS if c in columns), None)
+    if label_col is None:
+        raise _Skip("no 'answer' or 'label' column", f"columns {columns}")
+    template_path = task_dir / "base_prompt.txt"
+    template = None
+    if template_path.is_file():
+        template = legalbench_query_template(
+            template_path.read_text(encoding="utf-8", errors="replace")
+        )
+        missing = sorted({m for m in _PLACEHOLDER.findall(template) if m not in columns})
+        if missing:
+            raise _Skip(
+                "base_prompt.txt uses a column the files lack",
+                f"{{{{{missing[0]}}}}} not in {columns}",
+            )
+    else:
+        inputs = [c for c in columns if c != label_col and c.lower() not in LEGALBENCH_ID_COLUMNS]
+        if inputs != ["text"]:
+            raise _Skip(
+                "several input columns and no base_prompt.txt to combine them", f"columns {inputs}"
+            )
+
+    def compose(row: dict) -> str:
+        if template is None:
+            return row["text"]
+        return _PLACEHOLDER.sub(lambda m: row[m.group(1)].strip(), template)
+
+    labels = sorted({row[label_col].strip() for rows in parts.values() for _, row in rows})
+    if len(labels) < 2:
+        raise _Skip("fewer than 2 labels", f"labels {labels}")
+    if len(labels) > max_options:
+        raise _Skip(
+            f"more than {max_options} labels (not multiple choice)", f"{len(labels)} labels"
+        )
+    examples = {
+        part: [
+            MCExample(
+                task=name,
+                input=compose(row),
+                output=row[label_col].strip(),
+                options=tuple(labels),
+                id=f"{name}:{part}:{line}",
+            )
+            for line, row in rows
+        ]
+        for part, rows in parts.items()
+    }
+    if not examples["train"] or not examples["test"]:
+        raise _Skip("an empty train.tsv or test.tsv")
+    return examples["train"], examples["test"], labels, template
 
 
 def convert_legalbench(
@@ -254,105 +406,130 @@ def convert_legalbench(
     seeds=METAICL_SEEDS,
     max_options: int = 4,
 ) -> dict:
-    """LegalBench (``tasks/<task>/{train,test}.tsv``, columns ``text``/``answer``) to MetaICL.
+    """LegalBench task directories (``tasks/<task>/{train,test}.tsv``) to MetaICL.
 
-    A task's options are its label set (sorted); tasks with more than ``max_options``
-    labels are skipped and reported. Returns a summary (tasks, counts, skipped, licenses).
+    Reads both layouts users have: the Hub's (label column ``answer``, an ``index``) and
+    the GitHub copy of 2023 (``label``). A task's input is composed from its columns the
+    way its ``base_prompt.txt`` does (:func:`legalbench_query_template`); a task without
+    one must have ``text`` as its only input column. Its options are its label set
+    (sorted): tasks with 2 to ``max_options`` labels are kept. A task that cannot be
+    converted is skipped with its reason and the others go on; only a source where
+    nothing converts is an error. LegalBench's train splits are its support pools: where
+    one is smaller than ``k`` the support is the whole split, the same for every seed
+    (reported). Writes ``conversion.json`` (tasks kept, skipped by reason, support sizes)
+    beside ``tasks.yaml``; returns that summary.
     """
     source = Path(source)
     task_root = source / "tasks" if (source / "tasks").is_dir() else source
-    task_dirs = (
-        sorted(d for d in task_root.iterdir() if d.is_dir() and (d / "test.tsv").is_file())
-        if task_root.is_dir()
-        else []
-    )
+    task_dirs = sorted(d for d in task_root.iterdir() if d.is_dir()) if task_root.is_dir() else []
     if not task_dirs:
-        raise DataError("no LegalBench tasks found (expected tasks/<task>/test.tsv)", source)
+        raise DataError("no LegalBench task directories found (expected tasks/<task>/)", source)
     converted: dict[str, dict] = {}
     counts: dict[str, dict] = {}
-    skipped: Counter = Counter()
+    skipped: dict[str, dict[str, str]] = {}
     payload: dict[str, tuple[list, list]] = {}
     for task_dir in task_dirs:
-        rows = {
-            part: _read_tsv(task_dir / f"{part}.tsv")
-            for part in ("train", "test")
-            if (task_dir / f"{part}.tsv").is_file()
-        }
-        labels = sorted({answer for part_rows in rows.values() for _, _, answer in part_rows})
-        if len(labels) > max_options or len(labels) < 2:
-            skipped[f"{len(labels)} labels (need 2 to {max_options})"] += 1
+        name = "legalbench-" + re.sub(r"[^a-z0-9_.-]+", "_", task_dir.name.lower()).strip("_")
+        try:
+            train, test, labels, template = _legalbench_task(task_dir, name, max_options)
+        except _Skip as skip:
+            skipped.setdefault(skip.reason, {})[task_dir.name] = skip.detail
             continue
-        name = f"legalbench-{task_dir.name}"
-        parts = {
-            part: [
-                MCExample(
-                    task=name,
-                    input=text,
-                    output=answer,
-                    options=tuple(labels),
-                    id=f"{name}:{part}:{line}",
-                )
-                for line, text, answer in part_rows
-            ]
-            for part, part_rows in rows.items()
-        }
-        train = parts.get("train", [])
-        if not train:
-            skipped["no train.tsv for support examples"] += 1
-            continue
-        payload[name] = (train, parts["test"])
-        license_text = (
-            _license_from_readme(task_dir / "README.md") or f"see tasks/{task_dir.name}/README.md"
-        )
+        payload[name] = (train, test)
+        readme = _readme(task_dir)
         converted[name] = {
             "source": "legalbench",
-            "license": license_text,
+            "license": _license_from_readme(readme)
+            or f"see LegalBench's tasks/{task_dir.name}/README.md",
             "kind": "cls",
             "labels": labels,
         }
-        counts[name] = {"train": len(train), "test": len(parts["test"])}
+        counts[name] = {
+            "questions": len(train) + len(test),
+            "train": len(train),
+            "test": len(test),
+            "support": min(k, len(train)),
+            "input": "base_prompt.txt" if template else "text",
+        }
+    if not payload:
+        reasons = "; ".join(f"{r}: {len(t)}" for r, t in skipped.items())
+        raise DataError(f"no usable LegalBench task (skipped {reasons})", source)
+    small = {n: c["train"] for n, c in counts.items() if c["train"] < k}
+    summary = {
+        "source": "legalbench",
+        "k": k,
+        "seeds": list(seeds),
+        "tasks": converted,
+        "counts": counts,
+        "skipped": skipped,
+        "support_smaller_than_k": small,
+    }
 
     def write(tmp: Path) -> None:
         for name, (train, test) in payload.items():
             _write_metaicl_task(tmp, name, train, test, k, seeds)
+            write_jsonl_examples(
+                tmp / metaicl_file(name, CONVERTED_TRAIN_K, CONVERTED_TRAIN_SEED, "train"),
+                train + test,
+            )
         (tmp / "tasks.yaml").write_text(_task_yaml(converted), encoding="utf-8")
+        (tmp / "conversion.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
 
-    if not payload:
-        raise DataError(f"no usable LegalBench task (skipped: {dict(skipped)})", source)
     with atomic_directory(out) as tmp:
         write(tmp)
-    return {"tasks": converted, "counts": counts, "skipped": dict(skipped)}
+    return summary
 
 
-def _read_tsv(path: Path) -> list[tuple[int, str, str]]:
+def _read_tsv_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line, row) of a TSV with a header; a short row, or bad UTF-8, is a DataError."""
+    csv.field_size_limit(2**31 - 1)  # contracts run past the default 128 KiB field
     try:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t")
-            if reader.fieldnames is None or not {"text", "answer"} <= set(reader.fieldnames):
-                raise DataError(
-                    f"needs columns 'text' and 'answer', has {reader.fieldnames}", path, 1
-                )
+            if not reader.fieldnames:
+                raise DataError("no header line", path, 1)
             rows = []
             for row in reader:
-                line = reader.line_num
-                if row.get("text") is None or row.get("answer") is None:
-                    raise DataError("row has fewer columns than the header", path, line)
-                rows.append((line, row["text"], row["answer"].strip()))
+                if None in row.values():
+                    raise DataError(
+                        f"row has fewer columns than the header {reader.fieldnames}",
+                        path,
+                        reader.line_num,
+                    )
+                rows.append((reader.line_num, {k: v for k, v in row.items() if k is not None}))
             return rows
     except UnicodeDecodeError as err:
         raise DataError(f"not valid UTF-8 (byte {err.start})", path) from None
+    except csv.Error as err:
+        raise DataError(f"malformed TSV: {err}", path) from None
 
 
-def _chembench_items(path: Path):
+CHEMBENCH_MIN_TEST = 20  # a topic's test part: at least this many questions
+
+
+def chembench_topic(path: Path, root: Path, item: dict) -> str:
+    """A question's topic: its own ``subfield`` where it has one, else the folders below
+    ``data/`` (or below the converted root) joined: ``icho/uk/2022/q.json`` is
+    ``icho_uk_2022``, never ``2022``; the Hub's parquet layout
+    (``<topic>/train-00000-of-00001.parquet``) gives the same names."""
+    subfield = item.get("subfield")
+    if isinstance(subfield, str) and subfield.strip():
+        return subfield.strip()
+    parts = list(path.relative_to(root).parent.parts) if path.is_relative_to(root) else []
+    if "data" in parts:
+        parts = parts[len(parts) - parts[::-1].index("data") :]
+    return "/".join(parts) or path.stem.split("-")[0]
+
+
+def _chembench_items(path: Path, root: Path):
     """Yield (topic, item id, question dict) from a ChemBench parquet or JSON file."""
     if path.suffix == ".parquet":
         import datasets
 
         rows = datasets.Dataset.from_parquet(str(path))
-        topic = path.stem.split("-")[0]
         for i, row in enumerate(rows):
             yield (
-                row.get("subfield") or topic,
+                chembench_topic(path, root, row),
                 str(row.get("uuid") or row.get("name") or i),
                 dict(row),
             )
@@ -367,10 +544,14 @@ def _chembench_items(path: Path):
         if not isinstance(item, dict):
             raise DataError("expected a JSON object (a ChemBench question)", path)
         yield (
-            path.parent.name,
+            chembench_topic(path, root, item),
             str(item.get("uuid") or item.get("name") or f"{path.stem}:{i}"),
             item,
         )
+
+
+def _topic_name(topic: str) -> str:
+    return "chembench-" + re.sub(r"[^a-z0-9]+", "_", topic.lower()).strip("_")
 
 
 def convert_chembench(
@@ -380,16 +561,22 @@ def convert_chembench(
     k: int = 16,
     seeds=METAICL_SEEDS,
     max_options: int = 4,
+    min_test: int = CHEMBENCH_MIN_TEST,
 ) -> dict:
-    """ChemBench (parquet files or JSON questions) to MetaICL, one task per topic.
+    """ChemBench (JSON question files or the Hub's parquet) to MetaICL, one task per topic.
 
-    Keeps multiple-choice questions (``target_scores``) with exactly one correct option
-    and at most ``max_options`` options; numeric questions and the rest are counted as
-    skipped. ChemBench has one split, so each topic's support pool is the union of the
-    k-shot draws of every seed, and the test part is everything else (the same for
-    every seed, as in MetaICL).
+    A question's topic is :func:`chembench_topic`. Keeps multiple-choice questions
+    (``target_scores``) with exactly one correct option and at most ``max_options``
+    options; the others are counted by reason. A topic needs ``k + min_test`` questions
+    (a support pool and a test part worth scoring); a smaller nested topic is merged into
+    its parent folder's (``safety/carcinogens`` into ``safety``), and a top-level one that
+    is still too small is skipped and counted. ChemBench has one split: each topic keeps
+    a fixed, seeded test part (everything but a support pool of up to 2k questions) and
+    each seed draws its k support questions from the pool. A topic's meta-training file
+    holds all its questions (what ``--train-source auto`` reads for a training task).
     """
     source = Path(source)
+    root = source if source.is_dir() else source.parent
     files = (
         sorted(source.rglob("*.parquet")) + sorted(source.rglob("*.json"))
         if source.is_dir()
@@ -398,62 +585,99 @@ def convert_chembench(
     files = [f for f in files if f.name != "tasks.json"]
     if not files:
         raise DataError("no ChemBench parquet or JSON files found", source)
-    by_topic: dict[str, list[MCExample]] = {}
-    skipped: Counter = Counter()
+    by_topic: dict[str, list[dict]] = {}
+    skipped_questions: Counter = Counter()
+    unreadable: dict[str, str] = {}
     for path in files:
-        for topic, item_id, item in _chembench_items(path):
-            name = "chembench-" + re.sub(r"[^a-z0-9_]+", "_", str(topic).lower()).strip("_")
+        try:
+            items = list(_chembench_items(path, root))
+        except DataError as err:
+            unreadable[str(path.relative_to(root))] = str(err)
+            continue
+        for topic, item_id, item in items:
             for j, ex in enumerate(item.get("examples") or []):
                 scores = ex.get("target_scores")
                 if isinstance(scores, str):
                     scores = json.loads(scores) if scores.strip() else None
                 if not scores:
-                    skipped["not multiple choice"] += 1
+                    skipped_questions["not multiple choice (numeric or free answer)"] += 1
                     continue
                 correct = [opt for opt, score in scores.items() if float(score) == 1.0]
                 if len(correct) != 1:
-                    skipped["not exactly one correct option"] += 1
+                    skipped_questions["not exactly one correct option"] += 1
                     continue
                 if len(scores) > max_options:
-                    skipped[f"more than {max_options} options"] += 1
+                    skipped_questions[f"more than {max_options} options"] += 1
                     continue
-                record = {
-                    "task": name,
-                    "input": ex.get("input"),
-                    "output": correct[0],
-                    "options": list(scores),
-                }
-                by_topic.setdefault(name, []).append(
-                    validate_record(
-                        record, file=path, line=None, example_id=f"{name}:{item_id}:{j}"
-                    )
-                )
-    payload = {}
-    counts = {}
-    for name, examples in sorted(by_topic.items()):
-        pool = sorted({int(i) for seed in seeds for i in kshot_indices(len(examples), k, seed)})
-        if len(examples) - len(pool) < 1:
-            skipped[f"topic with too few questions for {k}-shot support plus a test part"] += 1
+                by_topic.setdefault(topic, []).append(
+                    {"id": f"{item_id}:{j}", "input": ex.get("input"), "output": correct[0],
+                     "options": list(scores), "file": path}
+                )  # fmt: skip
+    need = k + min_test
+    merged: dict[str, list[str]] = {}
+    # merge too-small nested topics upward, deepest first, until each is big enough or top
+    while small := [t for t in by_topic if "/" in t and len(by_topic[t]) < need]:
+        topic = max(small, key=lambda t: (t.count("/"), t))
+        parent = topic.rsplit("/", 1)[0]
+        by_topic.setdefault(parent, []).extend(by_topic.pop(topic))
+        merged.setdefault(parent, []).extend([topic, *merged.pop(topic, [])])
+    skipped: dict[str, dict[str, str]] = {}
+    if unreadable:
+        skipped["unreadable file"] = unreadable
+    payload, counts, tasks, topics = {}, {}, {}, {}
+    for topic, questions in sorted(by_topic.items()):
+        name = _topic_name(topic)
+        if len(questions) < need:
+            skipped.setdefault(f"fewer than k + {min_test} = {need} questions", {})[topic] = (
+                f"{len(questions)} questions"
+            )
             continue
-        train = [examples[i] for i in pool]
-        test = [e for i, e in enumerate(examples) if i not in set(pool)]
-        payload[name] = (examples, test)
-        counts[name] = {"support_pool": len(train), "test": len(test)}
+        examples = [
+            validate_record(
+                {k_: q[k_] for k_ in ("input", "output", "options")} | {"task": name},
+                file=q["file"], line=None, example_id=f"{name}:{q['id']}",
+            )
+            for q in questions
+        ]  # fmt: skip
+        order = kshot_indices(len(examples), len(examples), 0)  # a fixed, seeded division
+        pool_size = min(2 * k, len(examples) - min_test)
+        pool = [examples[i] for i in sorted(order[:pool_size])]
+        test = [examples[i] for i in sorted(order[pool_size:])]
+        payload[name] = (examples, pool, test)
+        dead = sorted({o for e in examples for o in e.options} - {e.output for e in examples})
+        counts[name] = {"questions": len(examples), "support_pool": len(pool), "test": len(test),
+                        "dead_options": len(dead)}  # fmt: skip
+        tasks[name] = {"source": "chembench", "license": "MIT", "kind": "mcqa"}
+        topics[name] = {"topic": topic, "merged": sorted(merged.get(topic, []))}
     if not payload:
-        raise DataError(f"no usable ChemBench topic (skipped: {dict(skipped)})", source)
-    tasks = {name: {"source": "chembench", "license": "MIT", "kind": "mcqa"} for name in payload}
+        reasons = "; ".join(f"{r}: {len(t)}" for r, t in skipped.items())
+        raise DataError(f"no usable ChemBench topic (skipped {reasons})", source)
+    summary = {
+        "source": "chembench",
+        "k": k,
+        "seeds": list(seeds),
+        "min_test": min_test,
+        "tasks": tasks,
+        "topics": topics,
+        "counts": counts,
+        "skipped": skipped,
+        "skipped_questions": dict(skipped_questions),
+        "dead_options": {n: c["dead_options"] for n, c in counts.items() if c["dead_options"]},
+    }
 
     def write(tmp: Path) -> None:
-        for name, (examples, test) in payload.items():
-            for seed in seeds:
-                chosen = [examples[i] for i in sorted(kshot_indices(len(examples), k, seed))]
-                write_jsonl_examples(tmp / metaicl_file(name, k, seed, "train"), chosen)
-                write_jsonl_examples(tmp / metaicl_file(name, k, seed, "test"), test)
+        for name, (examples, pool, test) in payload.items():
+            _write_metaicl_task(tmp, name, pool, test, k, seeds)
+            write_jsonl_examples(
+                tmp / metaicl_file(name, CONVERTED_TRAIN_K, CONVERTED_TRAIN_SEED, "train"),
+                examples,
+            )
         (tmp / "tasks.yaml").write_text(_task_yaml(tasks), encoding="utf-8")
+        (tmp / "conversion.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
 
     with atomic_directory(out) as tmp:
         write(tmp)
-    return {"tasks": tasks, "counts": counts, "skipped": dict(skipped)}
+    return summary
 
 
 __all__ = [
@@ -464,6 +688,7 @@ __all__ = [
     "MetaICLDirectory",
     "MetaICLHub",
     "ParseStats",
+    "SourceChain",
     "convert_chembench",
     "convert_legalbench",
     "kshot_indices",

@@ -12,14 +12,19 @@ same shape::
         train: [glue-rte, legalbench-abercrombie]     # or a reference: cls45.train
         validation: [superglue-cb]                    # optional
         test: [glue-mrpc]
+      with_legalbench:
+        train: cls45.train
+        test: {source: legalbench}                    # every known task of a source
 
-Errors name the YAML file and line.
+A part given as ``{source: <name>}`` holds every task of that source the registry knows
+when the split is used, those of a converted folder's ``tasks.yaml`` included (the data
+command adds it when the folder is a ``--source``). Errors name the YAML file and line.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -107,6 +112,8 @@ class Registry:
     tasks: dict[str, TaskInfo] = field(default_factory=dict)
     splits: dict[str, Split] = field(default_factory=dict)
     _origin: dict[str, str] = field(default_factory=dict)  # where each task/split was defined
+    # (split, part) -> (source, where): parts given as {source: name}, filled by split()
+    _selectors: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
 
     @classmethod
     def default(cls) -> Registry:
@@ -190,6 +197,15 @@ class Registry:
 
     def _resolve_part(self, value, raw_splits, path, lines, key_path) -> tuple[str, ...]:
         line = lines[key_path]
+        if isinstance(value, dict):  # {source: legalbench}: every task of that source
+            if set(value) != {"source"} or not isinstance(value["source"], str):
+                raise DataError(
+                    f"expected {{source: <name>}} (every known task of a source), got {value!r}",
+                    path,
+                    line,
+                )
+            self._selectors[(key_path[1], key_path[2])] = (value["source"], f"{path}:{line}")
+            return ()
         if isinstance(value, str):  # a reference such as cls45.train
             ref_split, _, ref_part = value.partition(".")
             if ref_part not in PARTS:
@@ -226,9 +242,25 @@ class Registry:
         return tuple(tasks)
 
     def split(self, name: str) -> Split:
+        """The split, its ``{source: ...}`` parts filled with the tasks known now (the
+        registry's and those of the files added since, a converted folder's included)."""
         if name not in self.splits:
             raise DataError(f"unknown split {name!r}; known splits: {sorted(self.splits)}")
-        return self.splits[name]
+        split = self.splits[name]
+        for part in PARTS:
+            if (name, part) not in self._selectors:
+                continue
+            source, origin = self._selectors[(name, part)]
+            tasks = tuple(sorted(t for t, info in self.tasks.items() if info.source == source))
+            if not tasks:
+                raise DataError(
+                    f"split {name!r} takes its {part} tasks from source {source!r} ({origin}), "
+                    f"and no {source} task is known: convert them (python -m abmll_tune.data "
+                    f"convert-{source} --source ... --out DIR) and add DIR as a --source (its "
+                    "tasks.yaml names them)"
+                )
+            split = replace(split, **{part: tasks})
+        return split
 
 
 def load_registry(extra_files: list[str | os.PathLike] | None = None) -> Registry:

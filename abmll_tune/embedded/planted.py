@@ -21,8 +21,9 @@ that model is exactly right, from the frozen tiny backbone of the embedded suite
 So the teacher's probabilities are the Bayes-optimal predictions (an oracle: the best
 accuracy possible, and perfectly calibrated), and ``prior_predictive`` (the teacher
 averaged over fresh draws of E, knowing theta* and sigma* but not phi_i) is what the
-hierarchical model predicts before seeing a task's examples. Written in MetaICL's layout
-with the k = 5 and k = 16 support files of every MetaICL seed and a ``splits.yaml``, so
+hierarchical model predicts before seeing a task's examples (a Monte Carlo average over
+``PRIOR_SAMPLES`` draws, kept in ``prior_draws.npz`` for its standard error). Written in
+MetaICL's layout with the k = 1, 5 and 16 support files of every MetaICL seed and a ``splits.yaml``, so
 ``python -m abmll_tune.data build --split planted --splits-file DIR/splits.yaml --source
 DIR --k 16 --out BUILT`` builds it and the recipes and evaluation run on it unchanged.
 
@@ -55,10 +56,11 @@ from abmll_tune.data.sources import METAICL_SEEDS, kshot_indices, metaicl_file
 from abmll_tune.io import atomic_directory
 
 FORMAT = "abmll-tune-planted"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: K = 1 support files, prior_draws.npz
 TARGETS = ("q_proj", "v_proj", "output_proj")
 RANK, ALPHA = 8, 16
-SUPPORT_KS = (5, 16)
+SUPPORT_KS = (1, 5, 16)
+PRIOR_SAMPLES = 64  # draws of E per evaluation task for the prior predictive
 N_TRAIN, N_VAL, N_TEST = 40, 12, 24
 EXAMPLES_PER_TASK = 200
 EVAL_POOL = 32  # of an evaluation task's examples: the support pool; the rest held out
@@ -248,7 +250,7 @@ def generate_family(
     tokenizer_dir: str | Path,
     out: str | Path,
     *,
-    prior_samples: int = 8,
+    prior_samples: int = PRIOR_SAMPLES,
     progress: bool = False,
 ) -> dict:
     """Write the family (see the module docstring); returns its summary."""
@@ -269,6 +271,8 @@ def generate_family(
     eval_names = names["validation"] + names["test"]
     tasks: dict[str, list[MCExample]] = {}
     oracle: list[dict] = []
+    prior_draws: list[np.ndarray] = []  # per evaluation task, (n, 4, prior_samples)
+    prior_ids: list[str] = []
     iterator = [n for part in names.values() for n in part]
     if progress:
         from tqdm import tqdm
@@ -303,11 +307,14 @@ def generate_family(
             references["global_teacher"] = teacher.probabilities(tokenized)
             teacher.set_delta(None)
             references["backbone"] = teacher.probabilities(tokenized)
-            prior = np.zeros_like(probs)
+            draws = []
             for j in range(prior_samples):  # fresh tasks' adapters: the prior predictive
                 teacher.set_delta(task_delta(theta, sigma, family, f"{name}#prior{j}"))
-                prior += teacher.probabilities(tokenized)
-            references["prior_predictive"] = prior / prior_samples
+                draws.append(teacher.probabilities(tokenized))
+            draws = np.stack(draws, axis=-1)  # (n, 4, draws)
+            references["prior_predictive"] = draws.mean(axis=-1)
+            prior_draws.append(draws.astype(np.float32))
+            prior_ids.extend(q.id for q in tasks[name])
             summary["global_teacher_agreement"].append(
                 float(np.mean(np.nanargmax(references["global_teacher"], 1) == best))
             )
@@ -365,6 +372,11 @@ def generate_family(
                     )
                     write_jsonl_examples(tmp / metaicl_file(name, k, seed, "test"), heldout)
         (tmp / "splits.yaml").write_text(splits_yaml(family), encoding="utf-8")
+        np.savez_compressed(
+            tmp / "prior_draws.npz",
+            ids=np.array(prior_ids),
+            probs=np.concatenate(prior_draws) if prior_draws else np.zeros((0, 4, 0)),
+        )
         (tmp / "oracle.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in oracle), encoding="utf-8"
         )
@@ -400,6 +412,102 @@ def read_oracle(directory: str | Path) -> dict[str, dict]:
     """The family's ``oracle.jsonl`` by example id."""
     rows = (json.loads(line) for line in Path(directory, "oracle.jsonl").read_text().splitlines())
     return {row["id"]: row for row in rows}
+
+
+def read_prior_draws(directory: str | Path, ids: Sequence[str]) -> np.ndarray:
+    """The prior predictive's Monte Carlo draws for ``ids``: (len(ids), 4, draws), NaN past
+    a question's options (each draw: the teacher with a fresh task adapter phi ~ N(theta*,
+    sigma*^2))."""
+    with np.load(Path(directory) / "prior_draws.npz") as f:
+        index = {str(i): n for n, i in enumerate(f["ids"])}
+        probs = f["probs"]
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise KeyError(f"{directory}: no prior draws for {len(missing)} ids, e.g. {missing[0]}")
+    return probs[[index[i] for i in ids]].astype(np.float64)
+
+
+def jackknife(draws: np.ndarray, statistic) -> tuple[float, float]:
+    """``statistic`` of the draws' mean over the last axis, and its Monte Carlo standard
+    error by the delete-one jackknife over draws (Efron & Stein): how much the figure
+    would move with another set of draws."""
+    n = draws.shape[-1]
+    full = float(statistic(draws.mean(axis=-1)))
+    if n < 2:
+        return full, float("nan")
+    total = draws.sum(axis=-1)
+    loo = np.array([statistic((total - draws[..., j]) / (n - 1)) for j in range(n)])
+    return full, float(np.sqrt((n - 1) / n * np.sum((loo - loo.mean()) ** 2)))
+
+
+def std_floors(directory: str | Path, model_config: dict) -> dict[str, float]:
+    """c per adapted layer for a model config on the family's backbone: the config's
+    ``sigma_floor_w0_fraction`` x RMS(W0) (population std), or its ``sigma_floor``."""
+    from abmll_tune.modules.variational_lora import DEFAULT_SIGMA_FLOOR
+
+    fraction = model_config.get("sigma_floor_w0_fraction")
+    backbone = load_backbone(Path(directory) / "backbone")[0] if fraction is not None else None
+    out = {}
+    for prefix in read_family(directory)["sigma_star"]:
+        if fraction is None:
+            out[prefix] = float(model_config.get("sigma_floor", DEFAULT_SIGMA_FLOOR))
+        else:
+            w0 = adapted_linears(backbone)[prefix].weight.detach().double()
+            out[prefix] = fraction * float(w0.var(unbiased=False).sqrt())
+    return out
+
+
+def truth_adapters(
+    directory: str | Path, adapters: dict[str, Tensor], model_config: dict
+) -> dict[str, Tensor]:
+    """ABMLL adapters that *know* the family: ``adapters`` (an ABMLL checkpoint's
+    ``adapters.safetensors``, rank and alpha as the family's) with the global and local
+    means set to theta* and the stds to sigma* (one constant per layer), so that sampling
+    the global Gaussian is drawing a fresh task of the family. The sanity check of the
+    planted benchmark: this model before adaptation is the prior predictive.
+
+    The std pairs hold sigma = f(s B A; c) = sigma*: a rank-1 product s B A = f^-1(sigma*)
+    everywhere, for ``std_param`` exp (log(sigma*/c)) or softabs (sqrt(sigma*^2 - c^2)),
+    with c the config's floor (``sigma_floor_w0_fraction`` x RMS(W0) of the family's
+    backbone, or ``sigma_floor``)."""
+    from safetensors.torch import load_file
+
+    meta = read_family(directory)
+    if model_config["lora_rank"] != meta["rank"] or model_config["lora_alpha"] != meta["alpha"]:
+        raise ValueError(
+            f"rank/alpha {model_config['lora_rank']}/{model_config['lora_alpha']} in the "
+            f"checkpoint, {meta['rank']}/{meta['alpha']} in the family"
+        )
+    theta = load_file(str(Path(directory) / "theta_star.safetensors"))
+    floors = std_floors(directory, model_config)
+    scale = meta["alpha"] / meta["rank"]
+    out = dict(adapters)
+    for prefix, sigma_star in meta["sigma_star"].items():
+        floor = floors[prefix]
+        form = model_config.get("std_param", "softabs")
+        if form == "exp":
+            level = math.log(sigma_star / floor)
+        elif form == "softabs" and sigma_star > floor:
+            level = math.sqrt(sigma_star**2 - floor**2)
+        else:
+            raise ValueError(
+                f"{prefix}: cannot set sigma = {sigma_star:.3g} with {form}, c = {floor:.3g}"
+            )
+        for scope in ("global", "local"):
+            a = out[f"{prefix}.lora_{scope}_mean_a.weight"]
+            out[f"{prefix}.lora_{scope}_mean_a.weight"] = (
+                theta[f"{prefix}.lora_a"].to(a.dtype).clone()
+            )
+            out[f"{prefix}.lora_{scope}_mean_b.weight"] = (
+                theta[f"{prefix}.lora_b"].to(a.dtype).clone()
+            )
+            std_a = torch.zeros_like(out[f"{prefix}.lora_{scope}_std_a.weight"])
+            std_b = torch.zeros_like(out[f"{prefix}.lora_{scope}_std_b.weight"])
+            std_a[0] = 1.0
+            std_b[:, 0] = level / scale
+            out[f"{prefix}.lora_{scope}_std_a.weight"] = std_a
+            out[f"{prefix}.lora_{scope}_std_b.weight"] = std_b
+    return out
 
 
 def read_family(directory: str | Path) -> dict:

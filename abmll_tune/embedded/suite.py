@@ -11,7 +11,7 @@ meta-learning should learn. 40 meta-training, 16 validation and 30 test tasks of
 examples each, written in MetaICL's layout, plus a byte-level BPE tokenizer trained on
 the suite (every word one token) in Llama3 (tiktoken) and Qwen2 (vocab/merges) formats.
 
-    python -m abmll_tune.data embedded --out data/embedded_src
+    python -m abmll_tune.embedded.suite --out data/embedded_src
 """
 
 from __future__ import annotations
@@ -276,3 +276,22 @@ def qwen2_tokenizer(directory: str | Path, max_seq_len: int | None = None):
         str(directory / "qwen2_special_tokens.json"),
         max_seq_len,
     )
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m abmll_tune.embedded.suite",
+        description="generate the embedded CPU suite (MetaICL layout + tokenizer)",
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    summary = generate_suite(args.out, args.seed)
+    print(f"wrote the embedded suite to {args.out}: {summary['tasks']} tasks")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

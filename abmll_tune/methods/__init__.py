@@ -19,7 +19,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from abmll_tune.methods.abmll import ABMLL
-from abmll_tune.methods.base import REGISTRY, Method, TaskAdaptiveMethod, check_finite_grads
+from abmll_tune.methods.base import (
+    REGISTRY,
+    Method,
+    OuterLoop,
+    TaskAdaptiveMethod,
+    check_finite_grads,
+)
 from abmll_tune.methods.lora import RegularLoRA
 from abmll_tune.methods.pretrained import Pretrained
 from abmll_tune.methods.reptile import Reptile
@@ -92,6 +98,7 @@ __all__ = [
     "ABMLL",
     "METHODS",
     "Method",
+    "OuterLoop",
     "Pretrained",
     "REGISTRY",
     "RegularLoRA",

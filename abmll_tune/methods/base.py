@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -40,8 +40,23 @@ from abmll_tune.modules import AdapterMode, adapter_param_groups, reset_local_fr
 from abmll_tune.objectives import answer_nll
 from abmll_tune.settings import setting
 
-if TYPE_CHECKING:
-    from abmll_tune.meta import MetaLearner
+
+class OuterLoop(Protocol):
+    """What a method's :meth:`Method.outer_step` may ask of the meta-training loop
+    (:class:`abmll_tune.meta.MetaLearner` is the one implementation): the model, the
+    answer loss, the trained scope, the (global, local) adapter pairs, and two moves."""
+
+    model: nn.Module
+    loss_fn: nn.Module | None
+    scope: str
+    pairs: list[tuple[Tensor, Tensor]]
+
+    def interpolate(self, eps_mean: float, eps_std: float, kinds: tuple[str, ...]) -> None:
+        """theta <- theta + eps (phi - theta) on the pairs of ``kinds`` (mean, std)."""
+
+    def outer_optimizer_step(self) -> None:
+        """One step of the outer optimizer on the gradients the method left, then zero them."""
+
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -141,7 +156,7 @@ class Method:
         every ``diagnostics_every_n_visits`` visits); the model is as an inner step sees it."""
         return {}
 
-    def outer_step(self, learner: MetaLearner, query: list[dict]) -> dict[str, float]:
+    def outer_step(self, learner: OuterLoop, query: list[dict]) -> dict[str, float]:
         """After the inner steps of a task; ``query`` is the extra batch, if any."""
         return {}
 

@@ -1,0 +1,75 @@
+"""The README's settings tables, rewritten from the settings classes they document.
+
+    python -m abmll_tune.settings_tables README.md [--check]
+
+This module sits above everything it lists (the recipes' settings, the evaluation
+section, every method): :mod:`abmll_tune.settings`, which they all import, stays at the
+foundation and imports none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from abmll_tune.evaluation import EvalSettings
+from abmll_tune.methods import METHODS
+from abmll_tune.recipe_config import EvalRecipeSettings, RecipeSettings
+from abmll_tune.settings import settings_table
+
+
+def documented_classes() -> dict[str, type]:
+    """Every settings class the README documents, by the name its markers use."""
+    classes = {"RecipeSettings": RecipeSettings, "EvalRecipeSettings": EvalRecipeSettings}
+    classes["EvalSettings"] = EvalSettings
+    classes.update({cls.__name__: cls for cls in METHODS.values()})
+    return classes
+
+
+# a block is its opening marker, any table lines, and the closing marker (never across blocks)
+_BLOCK = re.compile(r"(<!-- settings: (\w+) -->\n)((?:(?!<!--).*\n)*?)(<!-- /settings -->)")
+
+
+def render_readme(text: str) -> str:
+    """``text`` with every ``<!-- settings: Name -->`` block replaced by Name's table."""
+    classes = documented_classes()
+
+    def replace(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in classes:
+            raise KeyError(f"README marker names unknown settings class {name!r}")
+        return match.group(1) + settings_table(classes[name]) + "\n" + match.group(4)
+
+    return _BLOCK.sub(replace, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m abmll_tune.settings_tables",
+        description="Rewrite the settings tables of a Markdown file from the settings classes.",
+    )
+    parser.add_argument("path", nargs="?", default="README.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file differs")
+    args = parser.parse_args(argv)
+    path = Path(args.path)
+    text = path.read_text()
+    new = render_readme(text)
+    if args.check:
+        if new != text:
+            print(
+                f"{path}: settings tables are out of date; run python -m abmll_tune.settings_tables"
+            )
+            return 1
+        return 0
+    if new != text:
+        from abmll_tune.io import atomic_write_text
+
+        atomic_write_text(path, new)
+        print(f"{path}: settings tables rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
