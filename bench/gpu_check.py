@@ -306,8 +306,9 @@ def _tune(
     return code, time.perf_counter() - start
 
 
-def _embedded(work: Path) -> list[str]:
-    """The embedded suite, its split and a briefly pre-trained tiny backbone under ``work``."""
+def _embedded(work: Path, pretrain_steps: int = 200) -> list[str]:
+    """The embedded suite, its split and a briefly pre-trained tiny backbone under ``work``
+    (the CPU smoke checks the path, not the accuracy: it pre-trains for fewer steps)."""
     from abmll_tune.data.build import BuildOptions, build_split
     from abmll_tune.embedded.backbone import write_tiny_checkpoint
     from abmll_tune.embedded.suite import generate_suite, llama3_tokenizer
@@ -323,7 +324,7 @@ def _embedded(work: Path) -> list[str]:
         work / "backbone",
         vocab_size=768,
         max_seq_len=256,
-        pretrain_steps=200,
+        pretrain_steps=pretrain_steps,
         tokenizer=llama3_tokenizer(tok),
     )
     return [
@@ -712,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"data.path={split}",
             ]
         else:
-            common = _embedded(work / "embedded")
+            common = _embedded(work / "embedded", pretrain_steps=20 if smoke else 200)
         _part(
             report,
             "recipes",
