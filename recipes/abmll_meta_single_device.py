@@ -106,6 +106,12 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                     f"took over {self._lock.path} left by process {self._lock.took_over['pid']}, "
                     "which is no longer running"
                 )
+            if self._settings.overwrite_output_dir:  # before setup opens logs in it
+                removed = clear_previous_run(self._output_dir)
+                if removed:
+                    log.info(
+                        f"overwrite_output_dir: removed the previous run's {', '.join(removed)}"
+                    )
         self._seed = training.set_seed(seed=self._settings.seed)  # + rank, if distributed
         self._epochs = self._settings.epochs
         self._visits_done = 0
@@ -498,10 +504,6 @@ def run(
             recipe.release_output_dir(failed_setup=True)
         raise
     try:
-        if recipe._settings.overwrite_output_dir and recipe._is_rank_zero:
-            removed = clear_previous_run(recipe._output_dir)
-            if removed:
-                log.info(f"overwrite_output_dir: removed the previous run's {', '.join(removed)}")
         recipe.train()
     except Exception as err:
         recipe.release_output_dir()

@@ -315,6 +315,8 @@ def test_a_run_never_overwrites_another_unless_asked(embedded_overrides, tmp_pat
     )
     assert code == 0, err[-2000:]
     assert not (out / "checkpoints" / "epoch_7").exists()
+    # the new run's own logs survive the clearing (it happens before they are opened)
+    assert [p.stat().st_size > 0 for p in (out / "logs").glob("log_*.txt")] == [True]
     rows = (out / "validation.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [0]
     assert not (out / ".run.lock").exists()  # released at the end
