@@ -209,5 +209,5 @@ class DistributedTaskSampler:
                 f"has {self.world_size}: resume with the same --nproc_per_node (the task order "
                 "depends on it)"
             )
-        self.sampler.load_state_dict(state)
+        self.sampler.load_state_dict({k: v for k, v in state.items() if k != "world_size"})
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

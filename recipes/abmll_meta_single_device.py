@@ -232,8 +232,11 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                     for k in changed
                 ]
             )
+        try:  # a checkpoint of another task order (data, seed, number of processes)
+            self._sampler.load_state_dict(meta["sampler"])
+        except ValueError as err:
+            raise CheckpointError(f"{directory}: {err}") from None
         self._learner.load_state_dict(learner_state)
-        self._sampler.load_state_dict(meta["sampler"])
         self._start_epoch, self._start_position = self._sampler.resume_point()
         self._visits_done = meta["progress"]["visits"]
         history = self._output_dir / "validation.jsonl"

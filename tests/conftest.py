@@ -6,6 +6,14 @@ import torch
 # tiktoken caches even local tokenizer files by path (docs/torchtune-notes.md).
 os.environ["TIKTOKEN_CACHE_DIR"] = ""
 
+# `make test` runs the suite on pytest-xdist workers, one per core: each worker (and every
+# process it starts, which inherits OMP_NUM_THREADS) computes on one thread, so that the
+# workers never oversubscribe the cores (two 2-thread torch processes on 2 cores run
+# several times slower than one)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _fixed_seed_and_threads():

@@ -114,7 +114,7 @@ def test_a_stop_after_the_last_periodic_checkpoint_of_an_epoch_keeps_its_epoch_e
 ):
     # 40 training tasks: save_every_n_visits=40 checkpoints at the epoch's last visit, and
     # stop_after_visits=40 stops right there, before the epoch-end validation
-    common = ["epochs=1", "save_every_n_visits=40", "validation.max_tasks=4"]
+    common = ["epochs=1", "save_every_n_visits=40", "validation.max_tasks=4", "inner_steps=2"]
     straight = tmp_path / "straight"
     assert tune_run(straight, embedded_overrides, *common, capsys=capsys)[0] == 0
     cut = tmp_path / "cut"

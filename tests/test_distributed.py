@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from helpers import REPO, TUNE
@@ -95,6 +96,8 @@ def test_sampler_resumes_and_refuses_another_world_size():
     other = DistributedTaskSampler(_sampler(10), rank=0, world_size=5)
     with pytest.raises(ValueError, match="written by 2 processes, this run has 5"):
         other.load_state_dict(state)
+    with pytest.raises(ValueError, match="written by 2 processes .* same recipe and --nproc"):
+        _sampler(10).load_state_dict(state)  # the single-device sampler: another task order
     with pytest.raises(ValueError, match="cannot feed 4 ranks"):
         DistributedTaskSampler(_sampler(3), rank=0, world_size=4)
 
@@ -188,38 +191,51 @@ def test_one_outer_step_on_two_processes_equals_the_averaged_single_process_upda
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_two_processes_visit_disjoint_tasks_and_resume_exactly(embedded_overrides, tmp_path):
+def test_two_processes_visit_disjoint_tasks_and_resume_exactly(
+    embedded_overrides, tmp_path, capsys
+):
     # the base replicated (shard_base=false): what is tested is the task split and the
-    # resume; the FSDP2-sharded base is tested by the outer-step test above (3x faster here)
+    # resume; the FSDP2-sharded base is tested by the outer-step test above (3x faster here).
+    # 8 visits per process, 16 of the epoch's 40 tasks: a whole epoch's split is the sampler
+    # tests' (above)
     full, split = tmp_path / "full", tmp_path / "split"
-    overrides = [*embedded_overrides, "shard_base=false"]
-    result = launch(2, full, overrides, "epochs=1")
+    overrides = [*embedded_overrides, "shard_base=false", "epochs=1", "stop_after_visits=8"]
+    result = launch(2, full, overrides)
     assert result.returncode == 0, result.stderr[-4000:]
     visits = [visited(full, r) for r in range(2)]
     tasks = [[v["task"] for v in rows] for rows in visits]
-    assert len(tasks[0]) == len(tasks[1]) == 20  # 40 training tasks, 2 per outer step
-    assert not set(tasks[0]) & set(tasks[1]) and len(set(tasks[0] + tasks[1])) == 40
-    assert [v["position"] % 2 for v in visits[1]] == [1] * 20
+    assert len(tasks[0]) == len(tasks[1]) == 8  # 2 tasks per outer step
+    assert not set(tasks[0]) & set(tasks[1]) and len(set(tasks[0] + tasks[1])) == 16
+    assert [v["position"] % 2 for v in visits[1]] == [1] * 8
 
-    stopped = launch(2, split, overrides, "epochs=1", "stop_after_visits=7")
+    stopped = launch(2, split, overrides, "stop_after_visits=3")
     assert stopped.returncode == 0, stopped.stderr[-4000:]
     meta = json.loads((split / "checkpoints" / "latest" / "meta.json").read_text())
-    assert meta["sampler"]["world_size"] == 2 and meta["progress"]["visits"] == 7
-    resumed = launch(2, split, overrides, "epochs=1", "resume_from_checkpoint=true")
+    assert meta["sampler"]["world_size"] == 2 and meta["progress"]["visits"] == 3
+    resumed = launch(2, split, overrides, "resume_from_checkpoint=true")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     a, b = adapters(full), adapters(split)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: sampler and every rank's RNG restored
     assert [v["task"] for v in visited(split, 1)] == tasks[1]
 
-    other = launch(1, split, overrides, "epochs=2", "resume_from_checkpoint=true")
-    assert other.returncode != 0
-    assert "resume with the same" in other.stderr + other.stdout
+    # the single-device recipe refuses it (its sampler would take the 2 processes' position
+    # for its own and visit another order of tasks); another --nproc_per_node is refused by
+    # the sampler, test_sampler_resumes_and_refuses_another_world_size
+    code, _, err = helpers.tune_run(
+        "abmll_meta_single_device",
+        CONFIG["abmll"],
+        f"output_dir={split}",
+        *overrides,
+        *QUICK,
+        "resume_from_checkpoint=true",
+        capsys=capsys,
+    )
+    assert code == 2, err[-2000:]
+    assert "written by 2 processes (recipes/abmll_meta_distributed): resume with the" in err
 
 
 def test_one_process_reproduces_the_single_device_recipe(embedded_overrides, tmp_path, capsys):
-    import helpers
-
     extra = ["epochs=1", "stop_after_visits=6"]
     result = launch(1, tmp_path / "dist", embedded_overrides, *extra)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -237,18 +253,28 @@ def test_one_process_reproduces_the_single_device_recipe(embedded_overrides, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_validation_spread_over_processes_equals_one_process(embedded_overrides, tmp_path):
-    rows = {}
-    for processes in (1, 2):  # replicated base: each process validates every 2nd task
-        out = tmp_path / f"p{processes}"
-        extra = ["stop_after_visits=1", "shard_base=false", "validation.max_tasks=5"]
-        quick = [q for q in QUICK if not q.startswith("validation")]
-        result = launch(processes, out, embedded_overrides, *extra, quick=quick)
-        assert result.returncode == 0, result.stderr[-4000:]
-        spread = "validation: 5 tasks spread over 2 processes" in result.stdout + result.stderr
-        assert spread == (processes == 2)
-        rows[processes] = json.loads((out / "validation.jsonl").read_text().splitlines()[0])
-    assert rows[2] == rows[1] and rows[1]["epoch"] == 0
+def test_validation_spread_over_processes_equals_one_process(embedded_overrides, tmp_path, capsys):
+    # replicated base: each of 2 processes validates every 2nd task; the reference is the
+    # single-device recipe in this process (the same run: see the test above)
+    extra = ["stop_after_visits=1", "shard_base=false", "validation.max_tasks=5"]
+    quick = [q for q in QUICK if not q.startswith("validation")]
+    result = launch(2, tmp_path / "p2", embedded_overrides, *extra, quick=quick)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "validation: 5 tasks spread over 2 processes" in result.stdout + result.stderr
+    code, _, err = helpers.tune_run(
+        "abmll_meta_single_device",
+        CONFIG["abmll"],
+        f"output_dir={tmp_path / 'p1'}",
+        *embedded_overrides,
+        *quick,
+        *extra,
+        capsys=capsys,
+    )
+    assert code == 0, err[-3000:]
+    assert "spread over" not in err
+    rows = {p: (tmp_path / f"p{p}" / "validation.jsonl").read_text().splitlines() for p in (1, 2)}
+    assert json.loads(rows[2][0]) == json.loads(rows[1][0])
+    assert json.loads(rows[1][0])["epoch"] == 0
 
 
 def test_a_failing_rank_stops_the_whole_job_with_its_error(embedded_overrides, tmp_path):
@@ -280,28 +306,40 @@ def test_a_collective_with_a_vanished_peer_fails_within_the_timeout(tmp_path):
 
 
 def test_evaluation_spreads_tasks_over_two_processes_with_the_same_results(
-    embedded_overrides, tmp_path
+    embedded_overrides, tmp_path, capsys
 ):
+    # only a checkpoint is needed: trained in this process (a launch costs ~20 s of imports)
     trained = tmp_path / "train"
-    training = [*embedded_overrides, "shard_base=false"]  # only the checkpoint is needed
-    assert launch(2, trained, training, "stop_after_visits=4").returncode == 0
-    results = {}
-    for processes in (1, 2):
-        out = tmp_path / f"eval{processes}"
-        cmd = [TUNE, "run", "--nproc_per_node", str(processes), "--standalone"]
-        cmd += ["recipes/evaluate_few_shot", "--config", "configs/tiny_cpu_eval.yaml"]
-        cmd += [f"output_dir={out}", *embedded_overrides, "evaluation.seeds=[100]"]
-        cmd += [
-            f"adapter_checkpoint={trained / 'checkpoints' / 'latest'}",
-            "evaluation.max_tasks=5",
-            "evaluation.samples=[1]",  # one posterior sample: the split over ranks is tested
-        ]
-        result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-4000:]
-        results[processes] = json.loads((out / "results.json").read_text())
-        assert (out / "predictions.jsonl").read_text().count("\n") > 0
+    code, _, err = helpers.tune_run(
+        "abmll_meta_single_device",
+        CONFIG["abmll"],
+        f"output_dir={trained}",
+        *embedded_overrides,
+        *QUICK,
+        "stop_after_visits=4",
+        capsys=capsys,
+    )
+    assert code == 0, err[-3000:]
+    evaluation = ["--config", "configs/tiny_cpu_eval.yaml", *embedded_overrides]
+    evaluation += [
+        "evaluation.seeds=[100]",
+        f"adapter_checkpoint={trained / 'checkpoints' / 'latest'}",
+        "evaluation.max_tasks=5",
+        "evaluation.samples=[1]",  # one posterior sample: the split over ranks is tested
+    ]
+    # the reference: the plain single-process evaluation, in this process
+    code, _, err = helpers.tune_run(
+        "evaluate_few_shot", *evaluation[1:], f"output_dir={tmp_path / 'eval1'}", capsys=capsys
+    )
+    assert code == 0, err[-3000:]
+    cmd = [TUNE, "run", "--nproc_per_node", "2", "--standalone", "recipes/evaluate_few_shot"]
+    cmd += [*evaluation, f"output_dir={tmp_path / 'eval2'}"]
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = {p: json.loads((tmp_path / f"eval{p}" / "results.json").read_text()) for p in (1, 2)}
     assert results[2]["tasks"] == results[1]["tasks"] and len(results[1]["tasks"]) == 5
     assert results[2]["metrics"] == results[1]["metrics"]
-    assert results[2]["processes"] == 2
+    assert (results[1]["processes"], results[2]["processes"]) == (1, 2)
     p1 = (tmp_path / "eval1" / "predictions.jsonl").read_text()
+    assert p1.count("\n") > 0
     assert (tmp_path / "eval2" / "predictions.jsonl").read_text() == p1

@@ -4,6 +4,7 @@ The references are independent of the project's conversion: transformers reading
 GGUF file itself (its own dequantization, q/k un-permutation and tokenizer builder).
 """
 
+import functools
 import json
 import subprocess
 import sys
@@ -52,13 +53,32 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def reference():
     """transformers' model and tokenizer read straight from the GGUF."""
+    from unittest.mock import patch
+
+    import gguf as gguf_package
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # transformers parses the file's metadata three times (tokenizer, config, weights: 12 s
+    # each here) and builds gguf's tensor-name table once per tensor (13 s in all): both
+    # are pure functions of their arguments, read once here; what is read is unchanged
+    readers, read = {}, gguf_package.GGUFReader
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = read(path, *args, **kwargs)
+        return readers[key]
+
+    name_map = functools.lru_cache(maxsize=None)(gguf_package.get_tensor_name_map)
     gguf = wheel_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    with (
+        patch.object(gguf_package, "GGUFReader", reader),
+        patch.object(gguf_package, "get_tensor_name_map", name_map),
+    ):
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
     return model.eval(), tokenizer
 
 

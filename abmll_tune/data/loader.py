@@ -241,6 +241,12 @@ class MetaTaskSampler:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        processes = state.get("world_size", 1)
+        if processes != 1:  # its position counts each process's visits: another task order
+            raise ValueError(
+                f"the checkpoint was written by {processes} processes (recipes/"
+                "abmll_meta_distributed): resume with the same recipe and --nproc_per_node"
+            )
         for key, mine in (
             ("seed", self.seed),
             ("task_sampling", self.task_sampling),

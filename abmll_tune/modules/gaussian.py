@@ -806,6 +806,9 @@ class _LocalReparamNoise(torch.autograd.Function):
         return (*(next(grads) if leaf.requires_grad else None for leaf in leaves), None, None)
 
 
+# eager under torch.compile: its generator and seed cannot be traced, and tracing them
+# anew each call only piles up graph breaks and recompilations
+@torch.compiler.disable
 def local_reparam_noise(
     x: Tensor,
     a: Tensor,
@@ -879,6 +882,9 @@ def _weight_noise_chunks(a: Tensor, b: Tensor, seed: int, cfg: dict):
         yield i, rows, std_dense(m, floor, std_param) * eps
 
 
+# eager under torch.compile: its generator and seed cannot be traced, and tracing them
+# anew each call only piles up graph breaks and recompilations
+@torch.compiler.disable
 def weight_space_noise(
     x: Tensor,
     a: Tensor,
