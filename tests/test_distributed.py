@@ -43,6 +43,21 @@ def launch(
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def single_device(out: Path, overrides, *extra, capsys, quick=QUICK) -> tuple[int, str]:
+    """The single-device recipe with the distributed config, in this process (a launch
+    costs ~20 s of imports); returns (exit code, stderr)."""
+    code, _, err = helpers.tune_run(
+        "abmll_meta_single_device",
+        CONFIG["abmll"],
+        f"output_dir={out}",
+        *overrides,
+        *quick,
+        *extra,
+        capsys=capsys,
+    )
+    return code, err
+
+
 def adapters(out: Path, which: str = "latest") -> dict[str, torch.Tensor]:
     return load_file(str(out / "checkpoints" / which / "adapters.safetensors"))
 
@@ -222,15 +237,7 @@ def test_two_processes_visit_disjoint_tasks_and_resume_exactly(
     # the single-device recipe refuses it (its sampler would take the 2 processes' position
     # for its own and visit another order of tasks); another --nproc_per_node is refused by
     # the sampler, test_sampler_resumes_and_refuses_another_world_size
-    code, _, err = helpers.tune_run(
-        "abmll_meta_single_device",
-        CONFIG["abmll"],
-        f"output_dir={split}",
-        *overrides,
-        *QUICK,
-        "resume_from_checkpoint=true",
-        capsys=capsys,
-    )
+    code, err = single_device(split, overrides, "resume_from_checkpoint=true", capsys=capsys)
     assert code == 2, err[-2000:]
     assert "written by 2 processes (recipes/abmll_meta_distributed): resume with the" in err
 
@@ -239,15 +246,7 @@ def test_one_process_reproduces_the_single_device_recipe(embedded_overrides, tmp
     extra = ["epochs=1", "stop_after_visits=6"]
     result = launch(1, tmp_path / "dist", embedded_overrides, *extra)
     assert result.returncode == 0, result.stderr[-4000:]
-    code, _, err = helpers.tune_run(
-        "abmll_meta_single_device",
-        CONFIG["abmll"],
-        f"output_dir={tmp_path / 'single'}",
-        *embedded_overrides,
-        *QUICK,
-        *extra,
-        capsys=capsys,
-    )
+    code, err = single_device(tmp_path / "single", embedded_overrides, *extra, capsys=capsys)
     assert code == 0, err[-3000:]
     a, b = adapters(tmp_path / "dist"), adapters(tmp_path / "single")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -261,14 +260,8 @@ def test_validation_spread_over_processes_equals_one_process(embedded_overrides,
     result = launch(2, tmp_path / "p2", embedded_overrides, *extra, quick=quick)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "validation: 5 tasks spread over 2 processes" in result.stdout + result.stderr
-    code, _, err = helpers.tune_run(
-        "abmll_meta_single_device",
-        CONFIG["abmll"],
-        f"output_dir={tmp_path / 'p1'}",
-        *embedded_overrides,
-        *quick,
-        *extra,
-        capsys=capsys,
+    code, err = single_device(
+        tmp_path / "p1", embedded_overrides, *extra, capsys=capsys, quick=quick
     )
     assert code == 0, err[-3000:]
     assert "spread over" not in err
@@ -308,17 +301,9 @@ def test_a_collective_with_a_vanished_peer_fails_within_the_timeout(tmp_path):
 def test_evaluation_spreads_tasks_over_two_processes_with_the_same_results(
     embedded_overrides, tmp_path, capsys
 ):
-    # only a checkpoint is needed: trained in this process (a launch costs ~20 s of imports)
+    # only a checkpoint is needed: trained in this process
     trained = tmp_path / "train"
-    code, _, err = helpers.tune_run(
-        "abmll_meta_single_device",
-        CONFIG["abmll"],
-        f"output_dir={trained}",
-        *embedded_overrides,
-        *QUICK,
-        "stop_after_visits=4",
-        capsys=capsys,
-    )
+    code, err = single_device(trained, embedded_overrides, "stop_after_visits=4", capsys=capsys)
     assert code == 0, err[-3000:]
     evaluation = ["--config", "configs/tiny_cpu_eval.yaml", *embedded_overrides]
     evaluation += [

@@ -57,33 +57,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_MODULE_OF])
 
 
-__all__ = [
-    "INSTRUCTION",
-    "LETTERS",
-    "BuildOptions",
-    "BuiltSplit",
-    "DataError",
-    "MCExample",
-    "MetaTaskSampler",
-    "PooledBatchSampler",
-    "PromptTokenizer",
-    "Registry",
-    "Split",
-    "TaskData",
-    "TaskInfo",
-    "TaskVisit",
-    "TokenizedExample",
-    "answer_letter_ids",
-    "build_split",
-    "collate_mc",
-    "heldout_batches",
-    "load_manifest",
-    "load_registry",
-    "read_jsonl_examples",
-    "render_demonstrations",
-    "render_prompt",
-    "sample_demonstrations",
-    "support_batches",
-    "task_data",
-    "tokenize_tasks",
-]
+__all__ = sorted(_MODULE_OF)
