@@ -14,17 +14,16 @@ from abmll_tune.embedded.planted import PlantedFamily, generate_family, read_ora
 SMALL = dict(n_train=2, n_val=1, n_test=3, examples_per_task=96)
 
 
+def _generated(family, prior_samples, backbone, source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("planted") / "family"
+    generate_family(family, backbone, source / "tokenizer", out, prior_samples=prior_samples)
+    return out
+
+
 @pytest.fixture(scope="module")
 def family_dir(embedded_backbone, embedded_source, tmp_path_factory):
-    out = tmp_path_factory.mktemp("planted") / "family"
-    generate_family(
-        PlantedFamily(spread=1.0, seed=3, **SMALL),
-        embedded_backbone,
-        embedded_source / "tokenizer",
-        out,
-        prior_samples=2,
-    )
-    return out
+    family = PlantedFamily(spread=1.0, seed=3, **SMALL)
+    return _generated(family, 2, embedded_backbone, embedded_source, tmp_path_factory)
 
 
 def _same_tree(a, b):
@@ -201,16 +200,9 @@ def test_jackknife_standard_error_of_a_mean_is_the_textbook_one():
 @pytest.fixture(scope="module")
 def wide_family(embedded_backbone, embedded_source, tmp_path_factory):
     """A small family with enough prior draws for a Monte Carlo comparison."""
-    out = tmp_path_factory.mktemp("planted_wide") / "family"
     small = dict(n_train=1, n_val=1, n_test=2, examples_per_task=64)
-    generate_family(
-        PlantedFamily(spread=1.0, seed=5, **small),
-        embedded_backbone,
-        embedded_source / "tokenizer",
-        out,
-        prior_samples=48,
-    )
-    return out
+    family = PlantedFamily(spread=1.0, seed=5, **small)
+    return _generated(family, 48, embedded_backbone, embedded_source, tmp_path_factory)
 
 
 def test_truth_model_before_adaptation_is_the_prior_predictive(
