@@ -105,7 +105,7 @@ def test_reptile_outer_optimizer_uses_the_pseudo_gradient(tasks):
         )
 
 
-@pytest.mark.parametrize("outer_grad", ["reptile", "first_order", "kl_only"])
+@pytest.mark.parametrize("outer_grad", ["reptile", "first_order", "kl_only", "marginal_likelihood"])
 def test_abmll_resets_local_from_global_at_each_task_and_moves_global(tasks, outer_grad):
     model = make_model(True, std_b_init_std=0.01)
     cfg = ABMLL(
@@ -149,6 +149,8 @@ def test_abmll_resets_local_from_global_at_each_task_and_moves_global(tasks, out
     )
     if outer_grad == "first_order":
         assert "query_nll" in metrics
+    if outer_grad == "marginal_likelihood":
+        assert metrics["log_marginal_likelihood"] < 0 and 1 <= metrics["prior_ess"] <= 16
 
 
 def test_structured_lora_with_k1_and_one_task_equals_regular_lora(tasks):

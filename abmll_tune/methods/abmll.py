@@ -20,7 +20,13 @@ q(phi | D_i) = N(W0 + mu_phi, sigma_phi^2). Per task visit:
    * ``first_order``: on one more (query) batch, theta gets the gradient of the query
      NLL with respect to phi (first-order, d phi / d theta = I) plus the exact
      regularizer gradients;
-   * ``kl_only``: the literal reading, the regularizer gradients alone.
+   * ``kl_only``: the literal reading, the regularizer gradients alone;
+   * ``marginal_likelihood`` (not the paper's): empirical Bayes. theta follows the
+     gradient of the Monte Carlo log marginal likelihood of the query batch under S
+     draws of the global Gaussian, log (1/S) sum_s p(query | W_s), W_s ~ p(phi | theta)
+     (:func:`marginal_likelihood_backward`), plus gamma * (-log p(theta)): a fixed point
+     at the type-II maximum likelihood prior, which the other three lack
+     (``docs/method.md`` "Fitting the prior").
 
 The KL and prior themselves are :mod:`abmll_tune.modules.gaussian` (low-rank, row
 chunked, closed-form gradients); :mod:`abmll_tune.objectives` weighs them.
@@ -28,6 +34,8 @@ chunked, closed-form gradients); :mod:`abmll_tune.objectives` weighs them.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -36,15 +44,87 @@ import torch
 from abmll_tune.methods.base import TaskAdaptiveMethod
 from abmll_tune.modules import (
     AdapterMode,
+    adapter_mode,
     adapter_param_groups,
     adapter_params_by_group,
+    adapter_sampling,
     set_adapter_mode,
     set_trainable_scope,
     sigma_summary,
     variational_lora_layers,
 )
+from abmll_tune.modules.gaussian import draw_seed
 from abmll_tune.objectives import ELBOWeights, beta_kl, gamma_prior
 from abmll_tune.settings import setting
+
+# A draw whose importance weight is below this is not replayed with a backward pass: the
+# weights sum to 1, so at most prior_samples x this of the gradient's mass is left out.
+MIN_REPLAY_WEIGHT = 1e-4
+
+
+def marginal_likelihood_backward(
+    model: torch.nn.Module,
+    batches: list[dict],
+    sample_nll: Callable[[torch.nn.Module, dict], torch.Tensor],
+    samples: int,
+) -> dict[str, float]:
+    """Backpropagate -(1/N) log p_hat(D | theta) into the global pairs, where
+
+        p_hat(D | theta) = (1/S) sum_s p(D | W_s),   W_s = W0 + mu_theta + sigma_theta o E_s,
+
+    D is ``batches`` (N examples of one task), and each draw W_s is one weight for all of
+    them (weight-space sampling): the task's marginal likelihood under the global
+    Gaussian p(phi | theta), the quantity empirical Bayes maximizes (PACOH's route; the
+    paper's Eq. 2 is a bound on it). Its gradient is, exactly (Fisher's identity for a
+    Monte Carlo average),
+
+        grad log p_hat = sum_s w_s grad log p(D | W_s),   w_s = softmax_s log p(D | W_s),
+
+    which two passes compute in memory independent of S: the S log-likelihoods without
+    gradients, each draw's seed recorded, then each draw replayed from its seed with a
+    backward weighted by w_s (draws with w_s < ``MIN_REPLAY_WEIGHT`` are skipped).
+
+    ``sample_nll(model, batch)`` is the mean NLL of a batch under one forward (one draw);
+    a batch's example count is its ``tokens``' first dimension. The model is put in
+    ``global_sample`` mode with weight-space sampling for the duration. Returns the
+    estimate per example (``log_marginal_likelihood``) and the effective sample size of
+    the weights (``prior_ess``, 1/sum w_s^2, from 1 to S: near 1 means S is too small for
+    the batch's information and the estimate is biased toward the best draw).
+    """
+    counts = [int(batch["tokens"].shape[0]) for batch in batches]
+    total = sum(counts)
+    seeds = [draw_seed() for _ in range(samples)]  # from torch's RNG: runs reproduce
+
+    def replay(seed: int):
+        # the layers draw their noise seeds from torch's CPU RNG: reseeding it replays a
+        # draw (torch.manual_seed would also queue a CUDA reseed, with a stack trace, per call)
+        torch.default_generator.manual_seed(seed)
+
+    log_lik = torch.zeros(samples, dtype=torch.float64)
+    with (
+        adapter_mode(model, AdapterMode.GLOBAL_SAMPLE),
+        adapter_sampling(model, "weight"),
+        torch.random.fork_rng(devices=[]),
+    ):
+        with torch.no_grad():
+            for s, seed in enumerate(seeds):
+                replay(seed)
+                log_lik[s] = -sum(
+                    float(sample_nll(model, batch)) * n
+                    for batch, n in zip(batches, counts, strict=True)
+                )
+        weights = torch.softmax(log_lik, dim=0)
+        for s, seed in enumerate(seeds):
+            if weights[s] < MIN_REPLAY_WEIGHT:
+                continue
+            replay(seed)
+            for batch, n in zip(batches, counts, strict=True):
+                (sample_nll(model, batch) * (float(weights[s]) * n / total)).backward()
+    log_ml = torch.logsumexp(log_lik, dim=0) - math.log(samples)
+    return {
+        "log_marginal_likelihood": float(log_ml) / total,
+        "prior_ess": float(1.0 / weights.square().sum()),
+    }
 
 
 def kl_pull(model: torch.nn.Module, nll: torch.Tensor, kl_term: torch.Tensor) -> dict[str, float]:
@@ -111,7 +191,12 @@ class ABMLL(TaskAdaptiveMethod):
     outer_grad: str = setting(
         "reptile",
         doc="the outer step's reading (docs/method.md)",
-        choices=("reptile", "first_order", "kl_only"),
+        choices=("reptile", "first_order", "kl_only", "marginal_likelihood"),
+    )
+    prior_samples: int = setting(
+        16,
+        doc="S, draws of the global Gaussian per outer step of `marginal_likelihood`",
+        minimum=1,
     )
     outer_step_mean: float = setting(0.1, doc="eps of the mean pairs' interpolation", minimum=0)
     outer_step_std: float = setting(0.1, doc="eps of the std pairs' interpolation", minimum=0)
@@ -151,7 +236,7 @@ class ABMLL(TaskAdaptiveMethod):
 
     @property
     def uses_query_batch(self) -> bool:
-        return self.outer_grad == "first_order"
+        return self.outer_grad in ("first_order", "marginal_likelihood")
 
     @property
     def needs_outer_optimizer(self) -> bool:
@@ -168,9 +253,13 @@ class ABMLL(TaskAdaptiveMethod):
 
     # ------------------------------------------------------------------ one visit
 
+    def sample_nll(self, model, batch, loss_fn):
+        """The answer NLL under one forward (one posterior or prior draw)."""
+        return super().nll(model, batch, loss_fn)
+
     def nll(self, model, batch, loss_fn):
         n = self.train_samples
-        return sum(super(ABMLL, self).nll(model, batch, loss_fn) for _ in range(n)) / n
+        return sum(self.sample_nll(model, batch, loss_fn) for _ in range(n)) / n
 
     def inner_loss(self, model, batch, loss_fn):
         nll = self.nll(model, batch, loss_fn)
@@ -198,6 +287,15 @@ class ABMLL(TaskAdaptiveMethod):
                 p.requires_grad_(False)  # means moved by interpolation; this step is for sigma
         else:
             set_trainable_scope(model, "global")
+        if self.outer_grad == "marginal_likelihood":
+            metrics.update(
+                marginal_likelihood_backward(
+                    model,
+                    query,
+                    lambda m, batch: self.sample_nll(m, batch, learner.loss_fn),
+                    self.prior_samples,
+                )
+            )
         if self.outer_grad == "first_order":
             set_trainable_scope(model, "local")
             set_adapter_mode(model, AdapterMode.LOCAL_SAMPLE)
@@ -211,10 +309,13 @@ class ABMLL(TaskAdaptiveMethod):
                 query_nll += float(nll.detach())
             metrics["query_nll"] = query_nll
             set_trainable_scope(model, "global")
-        reg_kl = beta_kl(model, self.elbo)
         reg_prior = gamma_prior(model, self.elbo)
-        (reg_kl + reg_prior).backward()
-        metrics["outer_beta_kl"] = float(reg_kl.detach())
+        if self.outer_grad == "marginal_likelihood":  # theta's fit is the evidence, not q
+            reg_prior.backward()
+        else:
+            reg_kl = beta_kl(model, self.elbo)
+            (reg_kl + reg_prior).backward()
+            metrics["outer_beta_kl"] = float(reg_kl.detach())
         metrics["gamma_prior"] = float(reg_prior.detach())
         learner.outer_optimizer_step()
         set_trainable_scope(model, learner.scope)

@@ -13,7 +13,7 @@ Every builder accepts torchtune's LoRA argument names (``lora_attn_modules``,
 ``apply_lora_to_mlp``, ``apply_lora_to_output``, ``lora_rank``, ``lora_alpha``,
 ``lora_dropout``, ``quantize_base``) plus the ABMLL options of
 :class:`~abmll_tune.modules.VariationalLoRALinear` (``std_param``, ``sampling``,
-``sigma_floor``, ``sigma_floor_w0_fraction``, ``variational``, ``std_b_init_std``, ``chunk_elements``, ``kl_dtype``, ``kl_kernel``).
+``sigma_floor``, ``sigma_floor_w0_fraction``, ``variational``, ``std_b_init_std``, ``std_scale_row``, ``chunk_elements``, ``kl_dtype``, ``kl_kernel``).
 Everything except the adapters is frozen.
 """
 
@@ -69,7 +69,7 @@ def apply_variational_lora(
         lora_rank, lora_alpha, lora_dropout, quantize_base: as in torchtune's LoRA builders.
         **abmll_kwargs: ``std_param``, ``sampling``, ``sigma_floor``,
             ``sigma_floor_w0_fraction``, ``variational``,
-            ``std_b_init_std``, ``chunk_elements``, ``kl_dtype``, ``kl_kernel`` of
+            ``std_b_init_std``, ``std_scale_row``, ``chunk_elements``, ``kl_dtype``, ``kl_kernel`` of
             ``VariationalLoRALinear``.
     """
     unknown = sorted(set(lora_attn_modules) - set(LORA_ATTN_MODULES))
@@ -138,6 +138,7 @@ _ADAPTER_ARGS = (
     "sigma_floor_w0_fraction",
     "variational",
     "std_b_init_std",
+    "std_scale_row",
     "chunk_elements",
     "kl_dtype",
     "kl_kernel",

@@ -107,6 +107,12 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             zero init (the default, 0) makes ``softabs`` start at a stationary point:
             d sigma / d(BA) = s^2 BA / sigma = 0 at B = 0, so its std pairs receive
             no gradient until B moves. A small value (e.g. 1e-3) breaks the tie.
+        std_scale_row (bool): set the first row of the global std pair's A to ones, so
+            that B's first column is a per-output-row level of sigma (a log-scale with
+            ``exp``) that a gradient step reaches directly. With LoRA's random A a
+            uniform change of sigma needs A to learn a constant row first: a bilinear
+            saddle that the outer step of ``outer_grad: marginal_likelihood`` would
+            crawl through (docs/method.md "Fitting the prior"). Default False.
         chunk_elements (int): elements of one dense chunk in KL, prior and dense
             sampling (bounds their transient memory). Default 2**18.
         kl_dtype (str): precision of the dense KL and prior work: ``float64`` (default,
@@ -136,6 +142,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         sigma_floor_w0_fraction: float | None = None,
         variational: bool = True,
         std_b_init_std: float = 0.0,
+        std_scale_row: bool = False,
         chunk_elements: int = gaussian.DEFAULT_CHUNK_ELEMENTS,
         kl_dtype: str = "float64",
         kl_kernel: str = "auto",
@@ -175,6 +182,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         )
         self.variational = variational
         self.std_b_init_std = float(std_b_init_std)
+        self.std_scale_row = bool(std_scale_row)
         self.chunk_elements = chunk_elements
         self.kl_dtype = kl_dtype
         self._quantize_base = quantize_base
@@ -282,6 +290,9 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         if self.variational and self.std_b_init_std > 0:
             with torch.no_grad():
                 getattr(self, _name("global", "std", "b")).weight.normal_(0.0, self.std_b_init_std)
+        if self.variational and self.std_scale_row:
+            with torch.no_grad():
+                getattr(self, _name("global", "std", "a")).weight[0].fill_(1.0)
         self.reset_local_from_global()
 
     @torch.no_grad()
@@ -534,6 +545,24 @@ def adapter_mode(model: nn.Module, mode: str | AdapterMode) -> Iterator[None]:
     finally:
         for name, layer in layers.items():
             layer.mode = before[name]
+
+
+@contextmanager
+def adapter_sampling(model: nn.Module, sampling: str) -> Iterator[None]:
+    """Temporarily draw every variational layer's samples by ``sampling`` (``local``,
+    ``weight`` or ``mean``); restores each layer's own. ``weight`` is what a marginal
+    likelihood of a whole batch needs: one weight for all of its examples."""
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+    layers = [layer for layer in _layers_or_raise(model).values() if layer.variational]
+    before = [layer.sampling for layer in layers]
+    for layer in layers:
+        layer.sampling = sampling
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before, strict=True):
+            layer.sampling = value
 
 
 def reset_local_from_global(model: nn.Module) -> None:
