@@ -53,6 +53,23 @@ class EvalSettings:
     adapt_batch_size: int = setting(2, doc="support questions per adaptation step", minimum=1)
     adapt_lr_mean: float = setting(1e-3, doc="adaptation learning rate, mean pairs", minimum=0)
     adapt_lr_std: float = setting(1e-4, doc="adaptation learning rate, std pairs", minimum=0)
+    adapt_repeat_support: bool = setting(
+        False,
+        doc="take more adaptation batches than the support fills, in passes over it (each "
+        "pass freshly shuffled); false: adapt_steps x adapt_batch_size must fit the support",
+    )
+    adapt_optimizer: str = setting(
+        "adamw",
+        doc="adaptation optimizer: `adamw` (the paper's) or `sgd` (moves each weight by its "
+        "gradient, where AdamW's first step moves every weight by the learning rate)",
+        choices=("adamw", "sgd"),
+    )
+    adapt_beta: float | str | None = setting(
+        None,
+        doc="beta of the local KL during adaptation: null (the trained method's), a number, "
+        "or `per_example` (1 / support size: the ELBO at unit weight, the Bayesian posterior "
+        "under the learned prior); methods without a KL ignore it",
+    )
     eval_batch_size: int = setting(16, doc="held-out questions per scoring batch", minimum=1)
     samples: tuple[int, ...] = setting((1,), doc="ABMLL posterior sample counts to report")
     pruning_levels: tuple[float, ...] = setting((0.0,), doc="fractions pruned (robustness)")
@@ -72,6 +89,29 @@ class EvalSettings:
             )
         if self.adapt_steps < 0 or any(s < 1 for s in self.samples):
             raise ValueError("adapt_steps must be >= 0 and samples >= 1")
+        if self.adapt_optimizer not in ("adamw", "sgd"):
+            raise ValueError(
+                f"adapt_optimizer must be 'adamw' or 'sgd', got {self.adapt_optimizer!r}"
+            )
+        beta = self.adapt_beta
+        if not (beta is None or beta == "per_example" or (
+            isinstance(beta, int | float) and not isinstance(beta, bool) and beta >= 0
+        )):  # fmt: skip
+            raise ValueError(
+                f"adapt_beta must be null, a number >= 0 or 'per_example', got {beta!r}"
+            )
+
+    def adaptation_beta(self, support_size: int) -> float | None:
+        """The KL weight adaptation uses for a support set of ``support_size`` questions."""
+        if self.adapt_beta == "per_example":
+            return 1.0 / max(support_size, 1)
+        return None if self.adapt_beta is None else float(self.adapt_beta)
+
+    def make_optimizer(self):
+        """``f(param_groups) -> Optimizer`` of ``adapt_optimizer`` (learning rates per group)."""
+        if self.adapt_optimizer == "sgd":
+            return lambda groups: torch.optim.SGD(groups, lr=0.0)
+        return lambda groups: torch.optim.AdamW(groups, weight_decay=0.0)
 
 
 # ------------------------------------------------------------------------- scoring
@@ -183,8 +223,7 @@ def evaluate_tasks(
     it adapts with its own objective at the adaptation learning rates
     (:meth:`~abmll_tune.methods.Method.for_adaptation`).
     """
-    adapt_method = method.for_adaptation(settings.adapt_lr_mean, settings.adapt_lr_std)
-    make_optimizer = make_optimizer or (lambda groups: torch.optim.AdamW(groups, weight_decay=0.0))
+    make_optimizer = make_optimizer or settings.make_optimizer()
     snapshot = {n: p.detach().clone() for n, p in adapter_params_by_group(model).items()}
     params = adapter_params_by_group(model)
     records: list[dict] = []
@@ -197,6 +236,11 @@ def evaluate_tasks(
                         p.copy_(snapshot[name])
                 torch.manual_seed(_task_seed(seed, task))
                 support, heldout = data.eval_task(task, seed, settings.part)
+                adapt_method = method.for_adaptation(
+                    settings.adapt_lr_mean,
+                    settings.adapt_lr_std,
+                    beta=settings.adaptation_beta(len(support)),
+                )
                 if not settings.adapt_steps:
                     # scored as adapted from zero examples: the task's local pairs start
                     # from the global ones, as adaptation would (not the last task's)
@@ -217,6 +261,7 @@ def evaluate_tasks(
                         n_batches=settings.adapt_steps,
                         seed=seed,
                         pad_id=data.pad_id,
+                        repeat=settings.adapt_repeat_support,
                     ):
                         learner.inner_step([batch])
                 model.eval()

@@ -87,6 +87,7 @@ class MetaLearner:
             gradient_accumulation_steps,
         )
         self.reduce_mean = reduce_mean
+        self.visit_batches: list[dict] = []
         self._make_inner = make_inner_optimizer
         self.scope = method.trained_scope
         self.inner_optimizer = self._new_inner_optimizer()
@@ -212,6 +213,7 @@ class MetaLearner:
             "nll_last": inner[-1]["nll"],
         }
         metrics.update({k: v for k, v in inner[-1].items() if k != "nll"})
+        self.visit_batches = visit.batches  # every batch of the visit, for the outer step
         metrics.update(self.outer_step(visit.batches[n_inner * g :]))
         metrics.update(diagnostics)
         tokens = sum(b["tokens"].numel() for b in visit.batches)  # processed, padding included

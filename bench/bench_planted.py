@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -50,23 +51,38 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import TUNE, _run, prepare  # noqa: E402
-from planted_eval import PROTOCOLS  # noqa: E402
+from planted_eval import ADAPTATION, PROTOCOLS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+EB_OVERRIDES = [
+    "method.outer_grad=marginal_likelihood",
+    "model.std_scale_row=true",
+    "model.std_b_init_std=0.0",
+    "method.outer_lr_mean=0.01",
+    "method.outer_lr_std=0.03",
+    "method.prior_data=query",
+    "method.gamma=0.0",
+]
 SUPPORT_SEEDS = (100, 13, 21, 42, 87)  # MetaICL's five support seeds
 # name -> (recipe, config, overrides)
 METHODS = {
     "lora": ("reptile_single_device", "tiny_cpu_lora", []),
     "reptile": ("reptile_single_device", "tiny_cpu_reptile", []),
     "abmll": ("abmll_meta_single_device", "tiny_cpu_abmll", []),
+    # the empirical-Bayes reading (docs/method.md "Fitting the prior")
+    "abmll_eb": ("abmll_meta_single_device", "tiny_cpu_abmll", EB_OVERRIDES),
 }
 # pooled LoRA's epoch is every training question (4000 steps of 2), a meta-learner's one
-# visit per task (40 x 5 inner steps): LoRA is capped at 2 epochs, 8000 steps, still more
+# visit per task (40 x 5 inner steps): LoRA is capped at 1 epoch, 4000 steps, still more
 # than the 1600 inner steps of a meta-learner's 8 epochs
-MAX_EPOCHS = {"lora": 2}
+MAX_EPOCHS = {"lora": 1}
 # the recipe's validation adapts as the K = 16 test does (planted_eval.PROTOCOLS["K16"])
 VALIDATION = ["validation.adapt_steps=8", "validation.adapt_batch_size=2",
-              "validation.seeds=[100]", "validation.max_tasks=null"]  # fmt: skip
+              "validation.seeds=[100]", "validation.max_tasks=null",
+              f"validation.adapt_optimizer={ADAPTATION['optimizer']}",
+              f"validation.adapt_beta={'null' if ADAPTATION['beta'] is None else ADAPTATION['beta']}",
+              f"validation.adapt_lr_mean={ADAPTATION['lr_mean']}",
+              f"validation.adapt_lr_std={ADAPTATION['lr_std']}"]  # fmt: skip
 TRUTH_SAMPLES = 64  # the truth model's prior predictive: as many draws as the reference
 
 # ------------------------------------------------------------------------------ running
@@ -155,7 +171,9 @@ def run_spread(spread: float, args, out: Path, common: list[str], pool) -> dict:
     seeds = range(args.seeds)
     all_seeds = [SUPPORT_SEEDS[s] for s in seeds]
     runs = {
-        (name, seed): root / "runs" / f"{name}_seed{seed}" for name in METHODS for seed in seeds
+        (name, seed): root / "runs" / f"{name}_seed{seed}"
+        for name in args.methods
+        for seed in seeds
     }
     jobs = {
         key: pool.submit(train, run, key[0], key[1], data[16], common, args)
@@ -166,9 +184,10 @@ def run_spread(spread: float, args, out: Path, common: list[str], pool) -> dict:
             evaluate, root / "eval" / "pretrained.json", src, data, tokenizer, seeds=all_seeds
         )
     }
-    jobs["abmll", 0].result()
+    template = next(name for name in args.methods if name.startswith("abmll"))
+    jobs[template, 0].result()
     truth = write_truth_checkpoint(
-        runs["abmll", 0] / "checkpoints" / "epoch_0", src, root / "truth" / "checkpoint"
+        runs[template, 0] / "checkpoints" / "epoch_0", src, root / "truth" / "checkpoint"
     )
     evals["truth", None] = pool.submit(
         evaluate, root / "eval" / "truth.json", src, data, tokenizer, checkpoint=truth,
@@ -226,7 +245,8 @@ def score_spread(result: dict) -> dict:
         name: pad_probs([oracle[i][name] for i in ids])
         for name in ("oracle", "prior_predictive", "global_teacher", "backbone")
     }
-    draws = read_prior_draws(result["family"], ids)
+    # the stored draws are padded to 4 options; the family's questions may have fewer
+    draws = read_prior_draws(result["family"], ids)[:, : refs["oracle"].shape[1]]
     references = {name: scores(p, gold, refs["oracle"], refs["prior_predictive"])
                   for name, p in refs.items()}  # fmt: skip
     mc = {}
@@ -236,6 +256,11 @@ def score_spread(result: dict) -> dict:
     _, mc["excess_nll"] = jackknife(draws, lambda p: _kl(refs["oracle"], p))
     references["prior_predictive"]["mc_se"] = mc
     references["prior_predictive"]["draws"] = int(draws.shape[-1])
+    # the Monte Carlo noise floor of KL(pp || model): E KL between two independent J-draw
+    # estimates of the same predictive, which is about half that between two J/2-draw halves
+    half = draws.shape[-1] // 2
+    halves = [draws[..., :half].mean(-1), draws[..., half : 2 * half].mean(-1)]
+    references["prior_predictive"]["kl_noise_floor"] = 0.5 * _kl(*halves)
 
     per_seed: dict = {}  # protocol -> label -> list of per-seed metric dicts
     pooled: dict = {}  # protocol -> label -> (probs, gold) over seeds, for reliability
@@ -255,7 +280,24 @@ def score_spread(result: dict) -> dict:
                 m = scores(probs, gold, refs["oracle"], refs["prior_predictive"])
                 per_seed.setdefault(protocol, {}).setdefault(label, []).append(m)
                 pooled.setdefault(protocol, {}).setdefault(label, []).append(probs)
+    # the Bayes posterior predictive after each support set: the reference an adapted
+    # model can at best reach with these draws (importance-weighted prior draws)
+    ess: dict = {}
+    for protocol in (p for p in per_seed if p != "K0"):
+        k = PROTOCOLS[protocol][0]
+        seeds_used = sorted(
+            {r["seed"] for r in loaded["pretrained", None]["protocols"][protocol]},
+            key=SUPPORT_SEEDS.index,
+        )
+        for support_seed in seeds_used:
+            probs, values = bayes_predictive(result["family"], ids, draws, k, support_seed)
+            probs = probs[:, : refs["oracle"].shape[1]]  # draws are padded to 4 options
+            m = scores(probs, gold, refs["oracle"], refs["prior_predictive"])
+            per_seed[protocol].setdefault("bayes", []).append(m)
+            pooled[protocol].setdefault("bayes", []).append(probs)
+            ess.setdefault(protocol, []).extend(values)
     summary: dict = {"references": references, "protocols": {}, "selection_k0": selection}
+    summary["bayes_ess"] = {p: float(np.mean(v)) for p, v in ess.items()}
     for protocol, rows in per_seed.items():
         table = {}
         for label, seed_rows in rows.items():
@@ -266,7 +308,9 @@ def score_spread(result: dict) -> dict:
             entry["n_seeds"] = len(seed_rows)
             table[label] = entry
         paired = {}
-        for a, b in (("abmll", "reptile"), ("abmll", "lora"), ("reptile", "lora")):
+        for a, b in (("abmll", "reptile"), ("abmll_eb", "reptile"), ("abmll_eb", "abmll"),
+                     ("abmll", "lora"), ("reptile", "lora"), ("truth", "pretrained"),
+                     ("bayes", "truth")):  # fmt: skip
             if a in rows and b in rows and len(rows[a]) == len(rows[b]) > 1:
                 paired[f"{a} - {b}"] = {}
                 for m in METRICS:
@@ -283,6 +327,29 @@ def score_spread(result: dict) -> dict:
         }
     summary["ladder"] = ladder(summary)
     return summary
+
+
+def bayes_predictive(family, ids, draws, k, seed) -> tuple[np.ndarray, list[float]]:
+    """Per test task, :func:`abmll_tune.embedded.planted.posterior_predictive` after its
+    K-shot support set of ``seed``, for the test questions ``ids`` (rows of ``draws``)."""
+    from abmll_tune.embedded.planted import (
+        posterior_predictive,
+        read_prior_draws,
+        support_examples,
+    )
+
+    out = np.full(draws.shape[:2], np.nan)
+    by_task: dict = {}
+    for row, qid in enumerate(ids):
+        by_task.setdefault(qid.rsplit(":", 1)[0], []).append(row)
+    ess = []
+    for task, rows in by_task.items():
+        support = support_examples(family, task, k, seed)
+        support_draws = read_prior_draws(family, [r["id"] for r in support])
+        gold = [r["options"].index(r["output"]) for r in support]
+        out[rows], e = posterior_predictive(draws[rows], support_draws, gold)
+        ess.append(e)
+    return out, ess
 
 
 def ladder(summary: dict) -> list[dict]:
@@ -308,8 +375,26 @@ def ladder(summary: dict) -> list[dict]:
         "pretrained": k16["pretrained"]["accuracy"]["mean"],
         "holds": k16["truth"]["accuracy"]["mean"] > k16["pretrained"]["accuracy"]["mean"],
     })  # fmt: skip
+    # the adaptation protocol helps where the answer is known: the truth's excess NLL
+    # falls with K and beats Pretrained's by more than 2 paired SE at K = 5 and 16
+    ks = [p for p in ("K0", "K1", "K5", "K16") if p in summary["protocols"]]
+    excess = [summary["protocols"][p]["methods"]["truth"]["excess_nll"]["mean"] for p in ks]
+    rungs.append({
+        "rung": "a", "what": "truth model's excess NLL falls with K (K = 0, 1, 5, 16)",
+        "value": excess[-1], **{f"excess_nll_{p}": v for p, v in zip(ks, excess, strict=True)},
+        "holds": all(b < a for a, b in zip(excess, excess[1:], strict=False)),
+    })  # fmt: skip
+    for protocol in ("K5", "K16"):
+        diff = summary["protocols"][protocol]["paired"].get("truth - pretrained")
+        if diff is not None:
+            d = diff["excess_nll"]
+            rungs.append({
+                "rung": "a", "what": f"truth beats Pretrained after adaptation ({protocol}): "
+                "excess NLL difference below -2 paired SE",
+                "value": d["mean"], "se": d["se"], "holds": d["mean"] < -2 * d["se"],
+            })  # fmt: skip
     base = k0["pretrained"]["kl_from_prior"]["mean"]
-    for rung, names in (("b", ("lora",)), ("c", ("reptile", "abmll"))):
+    for rung, names in (("b", ("lora",)), ("c", ("reptile", "abmll", "abmll_eb"))):
         for name in names:
             if name not in k0:
                 continue
@@ -320,7 +405,7 @@ def ladder(summary: dict) -> list[dict]:
                 "value": closed, "kl_from_prior": k0[name]["kl_from_prior"]["mean"],
                 "pretrained_kl_from_prior": base, "holds": closed >= 0.5,
             })  # fmt: skip
-    for name in ("reptile", "abmll"):
+    for name in ("reptile", "abmll", "abmll_eb"):
         if name in k16:
             rungs.append({
                 "rung": "c", "what": f"{name} after adapting to 16 examples: excess NLL below "
@@ -417,7 +502,7 @@ def learning_curves(result: dict) -> dict:
 
 # ------------------------------------------------------------------------------ report
 
-LABELS = ("truth", "pretrained", "lora", "reptile", "abmll")
+LABELS = ("bayes", "truth", "pretrained", "lora", "reptile", "abmll", "abmll_eb")
 
 
 def _fmt(entry: dict, m: str, digits: int = 3) -> str:
@@ -518,6 +603,60 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the reading of each ABMLL variant's outer step, for the results file's sigma ratios
+READINGS = {"abmll": "reptile", "abmll_eb": "marginal_likelihood"}
+
+
+def results_summary(report: dict, command: str) -> dict:
+    """The committed summary (``docs/results/planted.json``): per spread, RMS sigma_theta /
+    sigma* by reading (RMS over layers of each layer's ratio, mean over seeds), the
+    distance to the prior predictive before adaptation, KL(pp || method) as [mean, se],
+    beside the prior predictive's own Monte Carlo noise floor, and the paired ABMLL minus
+    Reptile differences by K as [mean, se]."""
+    import platform
+    import subprocess as sp
+
+    commit = sp.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    out = {
+        "date": report["date"],
+        "commit": commit.stdout.strip() or None,
+        "command": command,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU float32 "
+        "(figures move with the CPU's floating point)",
+        "seeds": report["seeds"],
+        "max_epochs": report["max_epochs"],
+        "patience": report["patience"],
+        "methods": {name: METHODS[name][1:] for name in report["methods"]},
+        "spreads": {},
+    }
+    for spread, res in report["spreads"].items():
+        scores_ = res["scores"]
+        k0 = scores_["protocols"]["K0"]["methods"]
+        entry = {"sigma_ratio": {}, "kl_pp_k0": {}, "paired": {}}
+        for name, layers in res["distances"].items():
+            ratios = [row["sigma_rms_over_sigma_star"] for row in layers.values()
+                      if "sigma_rms_over_sigma_star" in row]  # fmt: skip
+            if ratios and name in READINGS:
+                rms = float(np.sqrt(np.mean(np.square(ratios))))
+                entry["sigma_ratio"][READINGS[name]] = rms
+                entry["sigma_ratio"][name] = rms
+        for name, row in k0.items():
+            entry["kl_pp_k0"][name] = [row["kl_from_prior"]["mean"], row["kl_from_prior"]["se"]]
+        entry["kl_pp_k0_noise_floor"] = scores_["references"]["prior_predictive"].get(
+            "kl_noise_floor"
+        )
+        for protocol, block in scores_["protocols"].items():
+            k = "0" if protocol == "K0" else str(PROTOCOLS[protocol][0])
+            for pair, diff in block["paired"].items():
+                a, b = pair.split(" - ")
+                entry["paired"].setdefault(k, {})[f"{a}_minus_{b}"] = {
+                    m: [diff[m]["mean"], diff[m]["se"]] for m in ("accuracy", "nll", "ece")
+                }
+        entry["bayes_ess"] = scores_.get("bayes_ess", {})
+        out["spreads"][spread] = entry
+    return out
+
+
 def _plt():
     import matplotlib
 
@@ -532,7 +671,12 @@ def learning_curve_figure(spread, curves: dict, path: Path) -> None:
     as the K = 16 test does, and NLL before adaptation."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    colors = {"lora": "tab:blue", "reptile": "tab:green", "abmll": "tab:red"}
+    colors = {
+        "lora": "tab:blue",
+        "reptile": "tab:green",
+        "abmll": "tab:red",
+        "abmll_eb": "tab:purple",
+    }
     for name, seeds in curves.items():
         for key, ax, metric in (("adapted", axes[0], "accuracy"), ("zero_step", axes[1], "nll")):
             series = [[(r["epoch"], r[metric]) for r in c[key]] for c in seeds]
@@ -600,7 +744,22 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--family-seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)}"
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="where to write the summary the docs cite (make bench: docs/results/planted.json; "
+        "default: OUT/results.json)",
+    )
     args = parser.parse_args()
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown or not any(m.startswith("abmll") for m in args.methods):
+        parser.error(
+            f"--methods: unknown {unknown} or no ABMLL variant (the truth model's template)"
+        )
     out = args.out.resolve()
     start = time.perf_counter()
     # data and backbone come from each family (its backbone is the sharpened source backbone)
@@ -615,6 +774,7 @@ def main() -> None:
         "max_epochs": args.max_epochs,
         "patience": args.patience,
         "pretrain_steps": args.pretrain_steps,
+        "methods": args.methods,
         "spreads": {},
     }
     from abmll_tune.embedded.planted import read_family
@@ -640,6 +800,8 @@ def main() -> None:
     from abmll_tune.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "planted.json", report)
+    command = "python bench/bench_planted.py " + " ".join(sys.argv[1:])
+    atomic_write_json(args.results or out / "results.json", results_summary(report, command))
     atomic_write_text(out / "planted.md", markdown(report))
     print(markdown(report))
 

@@ -28,24 +28,35 @@ import torch
 
 # protocol -> (support K, adaptation steps, batch size): each support example seen once or so
 PROTOCOLS = {"K0": (5, 0, 1), "K1": (1, 1, 1), "K5": (5, 5, 1), "K16": (16, 8, 2)}
-ADAPT_LR_MEAN, ADAPT_LR_STD = 1e-2, 1e-3  # configs/tiny_cpu_eval.yaml
+# how every method adapts (bench_planted's validation too): chosen on the truth model
+# (docs/method.md "The planted benchmark"); each a command-line option
+ADAPTATION = {"optimizer": "adamw", "beta": "per_example", "lr_mean": 1e-2, "lr_std": 1e-3}
+STEPS: dict[str, int] = {}  # protocol -> adaptation steps, replacing PROTOCOLS' (support repeated)
 SAMPLES = 10  # ABMLL: posterior predictive of 10 samples
 
 
-def _settings(protocol: str, part: str, seeds, samples: int):
+def _settings(protocol: str, part: str, seeds, samples: int, adaptation: dict):
     from abmll_tune.evaluation import EvalSettings
 
-    _, steps, batch = PROTOCOLS[protocol]
+    k, steps, batch = PROTOCOLS[protocol]
+    steps = adaptation.get("steps", {}).get(protocol, steps)
     return EvalSettings(
+        adapt_repeat_support=steps * batch > k,
         part=part,
         seeds=tuple(seeds),
         adapt_steps=steps,
         adapt_batch_size=batch,
-        adapt_lr_mean=ADAPT_LR_MEAN,
-        adapt_lr_std=ADAPT_LR_STD,
+        adapt_lr_mean=adaptation["lr_mean"],
+        adapt_lr_std=adaptation["lr_std"],
+        adapt_optimizer=adaptation["optimizer"],
+        adapt_beta=adaptation["beta"],
         eval_batch_size=64,
         samples=(samples,),
     )
+
+
+def _beta(text: str):
+    return None if text in ("null", "none") else text if text == "per_example" else float(text)
 
 
 def main(argv=None) -> None:
@@ -62,7 +73,27 @@ def main(argv=None) -> None:
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--select-zero-step", type=Path, help="a run's checkpoints/ directory")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--adapt-optimizer", default=ADAPTATION["optimizer"], choices=("adamw", "sgd")
+    )
+    parser.add_argument(
+        "--adapt-beta", type=_beta, default=ADAPTATION["beta"],
+        help="null (the method's), a number, or per_example",
+    )  # fmt: skip
+    parser.add_argument("--adapt-lr-mean", type=float, default=ADAPTATION["lr_mean"])
+    parser.add_argument("--adapt-lr-std", type=float, default=ADAPTATION["lr_std"])
+    parser.add_argument(
+        "--adapt-steps", default=",".join(f"{p}={n}" for p, n in STEPS.items()),
+        help="steps per protocol replacing PROTOCOLS', e.g. K1=5 (the support repeated)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    adaptation = {
+        "optimizer": args.adapt_optimizer,
+        "beta": args.adapt_beta,
+        "lr_mean": args.adapt_lr_mean,
+        "lr_std": args.adapt_lr_std,
+        "steps": {p: int(n) for p, n in (x.split("=") for x in args.adapt_steps.split(",") if x)},
+    }
 
     from omegaconf import OmegaConf
 
@@ -111,7 +142,7 @@ def main(argv=None) -> None:
         k = PROTOCOLS[protocol][0]
         split = data[k].split
         tasks = split.test_tasks if part == "test" else split.selection_tasks
-        settings = _settings(protocol, part, seeds, samples(protocol))
+        settings = _settings(protocol, part, seeds, samples(protocol), adaptation)
         return evaluate_tasks(model, data[k], tasks, settings, method=method)
 
     def samples(protocol):
@@ -124,7 +155,13 @@ def main(argv=None) -> None:
         return [r for r in recs if r["variant"] == variant]
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = {"checkpoint": args.checkpoint, "method": method.name, "protocols": {}, "selection": {}}
+    out = {
+        "checkpoint": args.checkpoint,
+        "method": method.name,
+        "adaptation": adaptation,
+        "protocols": {},
+        "selection": {},
+    }
     protocols = args.protocols.split(",")
     if "K0" in protocols:
         chosen = args.checkpoint

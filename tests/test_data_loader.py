@@ -176,3 +176,27 @@ def test_built_split_rejects_unknown_seed_and_missing_manifest(embedded_split, t
         BuiltSplit(embedded_split).support("emb-val-00", 7)
     with pytest.raises(DataError, match="no manifest.json"):
         BuiltSplit(tmp_path)
+
+
+def test_merged_batches_score_as_the_batches_did(train_tasks):
+    """One forward of the merged batch gives every question the logits its own batch gave
+    (right padding is never read by a causal model)."""
+    import torch
+
+    from abmll_tune.data.loader import merge_batches
+    from abmll_tune.embedded.backbone import TINY_EMBEDDED
+    from abmll_tune.models import abmll_llama3
+    from abmll_tune.objectives import answer_logits
+
+    visit = next(MetaTaskSampler(train_tasks, batch_size=2, batches_per_task=3, seed=0).visits(0))
+    merged = merge_batches(visit.batches)
+    assert merged["tokens"].shape[0] == 6 and merged["id"] == [
+        i for b in visit.batches for i in b["id"]
+    ]
+    torch.manual_seed(0)
+    model = abmll_llama3(variational=False, sampling="mean", **TINY_EMBEDDED).eval()
+    with torch.no_grad():
+        separate = torch.cat([answer_logits(model, b) for b in visit.batches])
+        together = answer_logits(model, merged)
+    torch.testing.assert_close(together, separate, rtol=1e-5, atol=1e-5)
+    assert merge_batches(visit.batches[:1]) is visit.batches[0]

@@ -436,3 +436,45 @@ def test_evaluation_accepts_the_exported_peft_adapter_with_the_same_results(
             capsys=capsys,
         )
         assert code == 2 and message in err, err[-2000:]
+
+
+def test_adaptation_beta_and_optimizer_reach_the_adaptation(data, monkeypatch):
+    """adapt_beta sets the KL's weight during adaptation (per_example: 1 / support size)
+    and adapt_optimizer the optimizer the inner steps take; Reptile has no KL to weigh."""
+    from abmll_tune.methods import ABMLL, Reptile
+
+    seen = []
+    original = ABMLL.inner_loss
+
+    def spy(self, model, batch, loss_fn):
+        seen.append(self.beta)
+        return original(self, model, batch, loss_fn)
+
+    monkeypatch.setattr(ABMLL, "inner_loss", spy)
+    tasks = ["emb-test-00"]
+    common = dict(seeds=(100,), adapt_steps=2, samples=(1,), eval_batch_size=32)
+    support, _ = data.eval_task(tasks[0], 100, "test")
+    model = model_for("abmll")
+    runs = {}
+    for beta in (None, "per_example", 0.5):
+        seen.clear()
+        settings = EvalSettings(adapt_beta=beta, **common)
+        runs[beta] = evaluate_tasks(model, data, tasks, settings, method=ABMLL(beta=1e-6))
+        assert set(seen) == {{None: 1e-6, "per_example": 1.0 / len(support), 0.5: 0.5}[beta]}, seen
+    assert [r["probs"] for r in runs[None]] != [r["probs"] for r in runs[0.5]]
+    # SGD takes the gradient's size, AdamW about the learning rate: different adaptations
+    plain = model_for("reptile")
+    adamw, sgd = (
+        evaluate_tasks(
+            plain, data, tasks, EvalSettings(adapt_optimizer=o, adapt_beta=0.5, **common),
+            method=Reptile(),
+        )
+        for o in ("adamw", "sgd")
+    )  # fmt: skip
+    assert [r["probs"] for r in adamw] != [r["probs"] for r in sgd]
+    assert (
+        EvalSettings(adapt_optimizer="sgd")
+        .make_optimizer()([{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1}])
+        .__class__
+        is torch.optim.SGD
+    )

@@ -275,3 +275,39 @@ def test_truth_model_before_adaptation_is_the_prior_predictive(
     truth = kl(reference.mean(-1), draws.mean(-1))
     mean_only = kl(reference.mean(-1), pad_probs(score(model, batches, "global_mean", 1)))
     assert truth <= noise and mean_only > 3 * noise, (truth, noise, mean_only)
+
+
+def test_shared_question_family_tells_tasks_apart_by_their_adapters_only(family_dir):
+    """Every task draws its questions from one pool with one set of option words, so
+    nothing but phi_i distinguishes tasks (a model cannot fit a task from its questions)."""
+    meta = json.loads((family_dir / "planted.json").read_text())
+    assert meta["family"]["shared_questions"] is True
+    by_task: dict = {}
+    for path in family_dir.glob("*/*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            by_task.setdefault(record["task"], []).append(record)
+    assert len(by_task) == 6
+    option_sets = {tuple(r["options"]) for records in by_task.values() for r in records}
+    assert len(option_sets) == 1  # one set of option words for every task
+    inputs = [{r["input"] for r in records} for records in by_task.values()]
+    assert all(a & b for a in inputs for b in inputs)  # the tasks' questions overlap
+
+
+def test_posterior_predictive_is_bayes_rule_over_the_stored_draws():
+    """Against a direct computation: with no support it is the prior predictive; each
+    support answer reweighs the draws by their likelihood of it, and a draw that makes
+    the observed answers likelier gains weight."""
+    rng = np.random.default_rng(0)
+    draws = rng.dirichlet(np.ones(3), size=(5, 4)).transpose(0, 2, 1)  # (n=5, 3 options, 4)
+    support = rng.dirichlet(np.ones(3), size=(2, 4)).transpose(0, 2, 1)  # (K=2, 3, 4)
+    prior, ess = planted.posterior_predictive(draws, support[:0], [])
+    np.testing.assert_allclose(prior, draws.mean(-1))
+    assert ess == pytest.approx(4.0)
+    gold = [2, 0]
+    post, ess = planted.posterior_predictive(draws, support, gold)
+    like = support[0, 2] * support[1, 0]  # per draw: p_j(y_1) p_j(y_2)
+    expected = (draws * like).sum(-1) / like.sum()
+    np.testing.assert_allclose(post, expected, rtol=1e-12)
+    np.testing.assert_allclose(post.sum(1), 1.0)
+    assert 1.0 <= ess < 4.0

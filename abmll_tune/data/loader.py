@@ -134,6 +134,32 @@ def collate_mc(batch: Sequence[TokenizedExample], pad_id: int = 0) -> dict:
     return collated
 
 
+def merge_batches(batches: Sequence[dict]) -> dict:
+    """Collated batches as one batch: tensors concatenated along the first dimension,
+    right-padded along the second where widths differ (``labels`` with the ignore index,
+    ``option_ids`` with -1, anything else with 0: a causal model never reads what follows
+    a question), lists concatenated. One batch is returned as it is."""
+    if len(batches) == 1:
+        return batches[0]
+    fills = {"labels": CROSS_ENTROPY_IGNORE_IDX, "option_ids": -1}
+    merged = {}
+    for key, first in batches[0].items():
+        values = [b[key] for b in batches]
+        if isinstance(first, torch.Tensor):
+            if first.dim() >= 2:
+                width = max(v.shape[1] for v in values)
+                values = [
+                    torch.nn.functional.pad(v, (0, width - v.shape[1]), value=fills.get(key, 0))
+                    if v.dim() == 2
+                    else v
+                    for v in values
+                ]
+            merged[key] = torch.cat(values)
+        else:
+            merged[key] = [x for v in values for x in v]
+    return merged
+
+
 @dataclass(frozen=True)
 class TaskVisit:
     """One visit of a task in meta-training: ``batches[:K]`` inner, the rest query."""
@@ -332,17 +358,27 @@ def support_batches(
     n_batches: int,
     seed: int,
     pad_id: int = 0,
+    repeat: bool = False,
 ) -> list[dict]:
-    """``n_batches`` test-adaptation batches from a task's support examples (seeded order)."""
+    """``n_batches`` test-adaptation batches from a task's support examples (seeded order).
+    With ``repeat``, more batches than the support fills are taken in passes over it, each
+    pass in its own seeded order (a batch never holds an example twice)."""
     need = batch_size * n_batches
-    if len(examples) < need:
-        task = examples[0].task if examples else "?"
+    task = examples[0].task if examples else "?"
+    if len(examples) < (batch_size if repeat else need):
         raise DataError(
             f"task {task!r} has {len(examples)} support examples, fewer than "
             f"{n_batches} batches x {batch_size} = {need}; lower K_test or the batch size"
+            + ("" if repeat else ", or repeat the support (adapt_repeat_support: true)")
         )
-    order = list(range(len(examples)))
-    random.Random(f"{seed}:support").shuffle(order)
+    order: list[int] = []
+    passes = 0
+    while len(order) < need:
+        one_pass = list(range(len(examples)))
+        random.Random(f"{seed}:support" + (f":{passes}" if passes else "")).shuffle(one_pass)
+        whole = len(one_pass) - len(one_pass) % batch_size  # batches stay within a pass
+        order += one_pass[:whole]
+        passes += 1
     return [
         collate_mc([examples[i] for i in order[b : b + batch_size]], pad_id)
         for b in range(0, need, batch_size)

@@ -14,9 +14,13 @@ that model is exactly right, from the frozen tiny backbone of the embedded suite
 * per task i a true task adapter phi_i = Delta W* + sigma* o E_i, E_i ~ N(0, I) entrywise
   (dense, as ABMLL's weight-space Gaussian is), sigma* = ``spread`` x the RMS entry of
   that layer's Delta W* (the absolute sigma* of each layer is written to ``planted.json``);
-* each task's questions are the embedded suite's (inputs, options) for its name, and
-  each label is *sampled* from the teacher, the backbone with W0 + phi_i, restricted to
-  the question's options (the project's own prompt and answer-letter scoring).
+* each task's questions are drawn from one pool of the embedded suite's (inputs,
+  options), the same option words for every task (``shared_questions``, default), so
+  that nothing but phi_i tells tasks apart: a model cannot learn a task's identity from
+  its questions and fit it without a prior (with ``shared_questions: false`` each task
+  has its own inputs and option words, as format 2 had); each label is *sampled* from
+  the teacher, the backbone with W0 + phi_i, restricted to the question's options (the
+  project's own prompt and answer-letter scoring).
 
 So the teacher's probabilities are the Bayes-optimal predictions (an oracle: the best
 accuracy possible, and perfectly calibrated), and ``prior_predictive`` (the teacher
@@ -56,7 +60,7 @@ from abmll_tune.data.sources import METAICL_SEEDS, kshot_indices, metaicl_file
 from abmll_tune.io import atomic_directory
 
 FORMAT = "abmll-tune-planted"
-FORMAT_VERSION = 2  # 2: K = 1 support files, prior_draws.npz
+FORMAT_VERSION = 3  # 2: K = 1 support files, prior_draws.npz; 3: shared_questions
 TARGETS = ("q_proj", "v_proj", "output_proj")
 RANK, ALPHA = 8, 16
 SUPPORT_KS = (1, 5, 16)
@@ -82,6 +86,7 @@ class PlantedFamily:
     n_val: int = N_VAL
     n_test: int = N_TEST
     examples_per_task: int = EXAMPLES_PER_TASK
+    shared_questions: bool = True
 
     def task_names(self) -> dict[str, list[str]]:
         return {
@@ -229,11 +234,23 @@ def write_backbone(model: nn.Module, arch: dict, directory: Path) -> None:
     )
 
 
+SHARED_POOL_FACTOR = 4  # the shared pool holds this many tasks' worth of questions
+
+
 def _questions(family: PlantedFamily, name: str) -> list[MCExample]:
     from abmll_tune.embedded.suite import make_lexicon, make_task
 
     # the embedded suite's inputs and options (its labels are replaced by the teacher's)
-    return make_task(f"{family.seed}:{name}", make_lexicon(0), family.examples_per_task)
+    if not family.shared_questions:
+        return make_task(f"{family.seed}:{name}", make_lexicon(0), family.examples_per_task)
+    n = family.examples_per_task
+    pool = make_task(f"{family.seed}:shared", make_lexicon(0), SHARED_POOL_FACTOR * n)
+    order = np.random.default_rng(
+        int.from_bytes(
+            hashlib.sha256(f"questions:{family.seed}:{name}".encode()).digest()[:7], "big"
+        )
+    ).permutation(len(pool))
+    return [pool[i] for i in order[:n]]
 
 
 def _sample_labels(probs: np.ndarray, rng: np.random.Generator) -> list[int]:
@@ -427,6 +444,35 @@ def read_prior_draws(directory: str | Path, ids: Sequence[str]) -> np.ndarray:
     return probs[[index[i] for i in ids]].astype(np.float64)
 
 
+def support_examples(directory: str | Path, task: str, k: int, seed: int) -> list[dict]:
+    """The K-shot support set a family wrote for an evaluation task and MetaICL seed: its
+    JSON records (``id``, ``options``, ``output``...), in the file's order."""
+    path = Path(directory) / metaicl_file(task, k, seed, "train")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def posterior_predictive(
+    draws: np.ndarray, support_draws: np.ndarray, support_gold: Sequence[int]
+) -> tuple[np.ndarray, float]:
+    """The Bayes posterior predictive after a task's support examples, from the family's
+    stored prior draws: each draw j of the task's adapter phi_j ~ N(theta*, sigma*^2) is
+    weighed by its likelihood of the support answers, w_j ∝ prod_s p_j(y_s) (importance
+    sampling with the prior as proposal), and the held-out predictions are sum_j w_j p_j.
+
+    ``draws``: (n, options, J) held-out probabilities per draw; ``support_draws``: (K,
+    options, J), the support questions' under the same draws; ``support_gold``: their
+    answers. Returns the (n, options) predictive and the weights' effective sample size
+    1 / sum w_j^2 (near 1: the J draws are too few for K examples' information). With no
+    support examples this is the prior predictive.
+    """
+    log_w = np.zeros(draws.shape[-1])
+    for row, gold in zip(support_draws, support_gold, strict=True):
+        log_w += np.log(np.maximum(row[gold], 1e-300))
+    w = np.exp(log_w - log_w.max())
+    w /= w.sum()
+    return np.einsum("noj,j->no", draws, w), float(1.0 / np.square(w).sum())
+
+
 def jackknife(draws: np.ndarray, statistic) -> tuple[float, float]:
     """``statistic`` of the draws' mean over the last axis, and its Monte Carlo standard
     error by the delete-one jackknife over draws (Efron & Stein): how much the figure
@@ -530,9 +576,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mean-scale", type=float, default=DEFAULT_MEAN_SCALE)
     parser.add_argument("--logit-scale", type=float, default=DEFAULT_LOGIT_SCALE)
+    parser.add_argument(
+        "--own-questions",
+        action="store_true",
+        help="each task its own inputs and option words (format 2's family), not one shared pool",
+    )
     args = parser.parse_args(argv)
     family = PlantedFamily(
-        spread=args.spread, seed=args.seed, mean_scale=args.mean_scale, logit_scale=args.logit_scale
+        spread=args.spread,
+        seed=args.seed,
+        mean_scale=args.mean_scale,
+        logit_scale=args.logit_scale,
+        shared_questions=not args.own_questions,
     )
     meta = generate_family(family, args.backbone, args.tokenizer_dir, args.out, progress=True)
     print(json.dumps(meta["evaluation_tasks"]))

@@ -41,6 +41,7 @@ from typing import ClassVar
 
 import torch
 
+from abmll_tune.data.loader import merge_batches
 from abmll_tune.methods.base import TaskAdaptiveMethod
 from abmll_tune.modules import (
     AdapterMode,
@@ -52,6 +53,7 @@ from abmll_tune.modules import (
     set_trainable_scope,
     sigma_summary,
     variational_lora_layers,
+    zero_fixed_std_grads,
 )
 from abmll_tune.modules.gaussian import draw_seed
 from abmll_tune.objectives import ELBOWeights, beta_kl, gamma_prior
@@ -198,6 +200,13 @@ class ABMLL(TaskAdaptiveMethod):
         doc="S, draws of the global Gaussian per outer step of `marginal_likelihood`",
         minimum=1,
     )
+    prior_data: str = setting(
+        "query",
+        doc="the examples `marginal_likelihood` scores: the `query` batch, or the whole "
+        "`visit` (inner and query batches, one forward per draw; more information, fewer "
+        "effective draws: watch prior_ess)",
+        choices=("query", "visit"),
+    )
     outer_step_mean: float = setting(0.1, doc="eps of the mean pairs' interpolation", minimum=0)
     outer_step_std: float = setting(0.1, doc="eps of the std pairs' interpolation", minimum=0)
     outer_lr_mean: float = setting(1e-4, doc="outer optimizer, mean pairs", minimum=0)
@@ -271,6 +280,7 @@ class ABMLL(TaskAdaptiveMethod):
         return kl_pull(model, nll, beta_kl(model, self.elbo))
 
     def clip_grads(self, model, scope):
+        zero_fixed_std_grads(model)  # std_scale_row layers: sigma is a per-row level
         if self.std_grad_clamp is None:
             return
         c = self.std_grad_clamp
@@ -291,7 +301,7 @@ class ABMLL(TaskAdaptiveMethod):
             metrics.update(
                 marginal_likelihood_backward(
                     model,
-                    query,
+                    [merge_batches(learner.visit_batches)] if self.prior_data == "visit" else query,
                     lambda m, batch: self.sample_nll(m, batch, learner.loss_fn),
                     self.prior_samples,
                 )

@@ -50,6 +50,7 @@ class OuterLoop(Protocol):
     loss_fn: nn.Module | None
     scope: str
     pairs: list[tuple[Tensor, Tensor]]
+    visit_batches: list[dict]  # every batch of the current visit (inner and query)
 
     def interpolate(self, eps_mean: float, eps_std: float, kinds: tuple[str, ...]) -> None:
         """theta <- theta + eps (phi - theta) on the pairs of ``kinds`` (mean, std)."""
@@ -167,15 +168,18 @@ class Method:
         mode = AdapterMode.LOCAL_MEAN if self.meta_learned else AdapterMode.GLOBAL_MEAN
         return [("mean", mode, 1)]
 
-    def for_adaptation(self, lr_mean: float, lr_std: float) -> Method:
+    def for_adaptation(self, lr_mean: float, lr_std: float, beta: float | None = None) -> Method:
         """This method as few-shot evaluation adapts with it: the adaptation learning
-        rates, a fresh inner optimizer per task, local pairs from the global ones."""
+        rates, a fresh inner optimizer per task, local pairs from the global ones, and
+        (``beta`` not None, methods with a KL only) the KL's weight."""
         changes = {
             "inner_lr_mean": lr_mean,
             "inner_lr_std": lr_std,  # methods with std pairs only
             "inner_optimizer_reset": "per_task",
             "local_init": "global",  # meta-learned methods only
         }
+        if beta is not None:
+            changes["beta"] = beta
         names = {f.name for f in dataclasses.fields(self)}
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if k in names})
 

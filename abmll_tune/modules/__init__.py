@@ -20,9 +20,9 @@ from abmll_tune.modules.variational_lora import (
     AdapterMode,
     VariationalLoRALinear,
     adapter_mode,
-    adapter_sampling,
     adapter_param_groups,
     adapter_params_by_group,
+    adapter_sampling,
     kl_local_global,
     neg_log_prior_global,
     pinned_share,
@@ -31,6 +31,7 @@ from abmll_tune.modules.variational_lora import (
     set_trainable_scope,
     sigma_summary,
     variational_lora_layers,
+    zero_fixed_std_grads,
 )
 
 __all__ = [
@@ -62,4 +63,5 @@ __all__ = [
     "sigma_summary",
     "variational_lora_layers",
     "weight_space_noise",
+    "zero_fixed_std_grads",
 ]
