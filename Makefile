@@ -50,7 +50,7 @@ format: install
 bench: install
 	$(BIN)/python bench/bench_layer.py --out bench_results/layer.json
 	$(BIN)/python bench/bench_methods.py --out bench_results/methods
-	$(BIN)/python bench/bench_planted.py --out bench_results/planted
+	$(BIN)/python bench/bench_planted.py --out bench_results/planted --seeds 3 --results docs/results/planted.json
 	$(BIN)/python bench/bench_cost.py --out bench_results/cost.json
 	$(BIN)/python bench/bench_distributed.py --out bench_results/distributed.json
 	$(BIN)/python bench/bench_answer_logits.py --out bench_results/answer_logits.json

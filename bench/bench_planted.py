@@ -50,19 +50,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import TUNE, _run, prepare  # noqa: E402
+from bench_methods import EB_OVERRIDES, TUNE, _run, prepare  # noqa: E402
 from planted_eval import ADAPTATION, PROTOCOLS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-EB_OVERRIDES = [
-    "method.outer_grad=marginal_likelihood",
-    "model.std_scale_row=true",
-    "model.std_b_init_std=0.0",
-    "method.outer_lr_mean=0.01",
-    "method.outer_lr_std=0.03",
-    "method.prior_data=query",
-    "method.gamma=0.0",
-]
 SUPPORT_SEEDS = (100, 13, 21, 42, 87)  # MetaICL's five support seeds
 # name -> (recipe, config, overrides)
 METHODS = {
