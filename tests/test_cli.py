@@ -11,9 +11,36 @@ REPO = Path(__file__).resolve().parents[1]
 TUNE = shutil.which("tune", path=str(Path(sys.executable).parent)) or "tune"
 
 
-def run(cmd, **env):
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "TIKTOKEN_CACHE_DIR": "", **env}
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300)
+def run(cmd, cwd=REPO, **env):
+    """``cmd`` as a user types it after `make install`: from ``cwd`` (the repository root),
+    with no PYTHONPATH (the tests' own is removed)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    full_env.update({"TIKTOKEN_CACHE_DIR": "", **env})
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def test_tune_run_finds_the_projects_recipes_from_anywhere(tiny_llama3_checkpoint, tmp_path):
+    """torchtune's wheel installs a top-level `recipes` package that raises on import; the
+    line `make install` writes (abmll_tune.recipe_finder) makes `tune run recipes/<name>`
+    load this project's recipes, from the repository root and from any other directory."""
+    check = run([sys.executable, "-m", "abmll_tune.recipe_finder", "--check"])
+    assert check.returncode == 0, check.stdout
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run(
+        [TUNE, "run", "recipes/inspect_model", "--config",
+         str(REPO / "configs" / "tiny_cpu_inspect.yaml"),
+         f"checkpointer.checkpoint_dir={tiny_llama3_checkpoint}", f"output_dir={tmp_path / 'out'}"],
+        cwd=elsewhere,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "inspect.json").is_file()
+    # a directory with its own `recipes` package keeps it, as PYTHONPATH=. would
+    (elsewhere / "recipes").mkdir()
+    (elsewhere / "recipes" / "__init__.py").write_text("")
+    (elsewhere / "recipes" / "mine.py").write_text("print('my recipe')\n")
+    mine = run([TUNE, "run", "recipes/mine", "--config", "x.yaml"], cwd=elsewhere)
+    assert mine.returncode == 0 and "my recipe" in mine.stdout, mine.stderr[-2000:]
 
 
 def test_tune_run_inspect_model_from_repo_root(tiny_llama3_checkpoint, tmp_path):

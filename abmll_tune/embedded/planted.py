@@ -565,6 +565,59 @@ def read_family(directory: str | Path) -> dict:
     return meta
 
 
+def results_tables(summary: dict) -> str:
+    """The README's tables of the planted benchmark, from its committed summary
+    (``docs/results/planted.json``, written by ``bench/bench_planted.py --results``)."""
+
+    def pm(pair) -> str:
+        if pair is None:
+            return "n/a"
+        mean, se = pair
+        return f"{mean:+.3f} ± {se:.3f}" if se is not None else f"{mean:+.3f}"
+
+    def num(pair) -> str:
+        return "n/a" if pair is None else f"{pair[0]:.3f}" + (
+            f" ± {pair[1]:.3f}" if pair[1] is not None else ""
+        )
+
+    spreads = summary["spreads"]
+    lines = [
+        f"Measured {summary['date']} at commit {str(summary['commit'])[:10]}, "
+        f"{summary['seeds']} paired seeds ({summary['machine']}): `{summary['command']}`.",
+        "",
+        "| spread | RMS σ_θ/σ*, paper's reading (`reptile`) | RMS σ_θ/σ*, `marginal_likelihood` "
+        "| KL(pp ‖ ·) before adaptation: truth / Pretrained / Reptile / ABMLL / ABMLL-EB "
+        "| MC noise floor |",
+        "|---|---|---|---|---|",
+    ]
+    for spread, entry in spreads.items():
+        ratio, kl = entry["sigma_ratio"], entry["kl_pp_k0"]
+        names = ("truth", "pretrained", "reptile", "abmll", "abmll_eb")
+        floor = entry.get("kl_pp_k0_noise_floor")
+        lines.append(
+            f"| {spread} | {ratio.get('reptile', float('nan')):.3g} "
+            f"| {ratio.get('marginal_likelihood', float('nan')):.3g} | "
+            + " / ".join(num(kl.get(n)) for n in names)
+            + f" | {'n/a' if floor is None else f'{floor:.3f}'} |"
+        )
+    lines += [
+        "",
+        "| spread | K | ABMLL − Reptile: accuracy | NLL | ABMLL-EB − Reptile: accuracy | NLL "
+        "| Bayes − truth: NLL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for spread, entry in spreads.items():
+        for k, pairs in sorted(entry["paired"].items(), key=lambda kv: int(kv[0])):
+            a = pairs.get("abmll_minus_reptile", {})
+            b = pairs.get("abmll_eb_minus_reptile", {})
+            c = pairs.get("bayes_minus_truth", {})
+            lines.append(
+                f"| {spread} | {k} | {pm(a.get('accuracy'))} | {pm(a.get('nll'))} "
+                f"| {pm(b.get('accuracy'))} | {pm(b.get('nll'))} | {pm(c.get('nll'))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", required=True, help="the tiny backbone's HF checkpoint dir")
