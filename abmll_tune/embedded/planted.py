@@ -576,8 +576,10 @@ def results_tables(summary: dict) -> str:
         return f"{mean:+.3f} ± {se:.3f}" if se is not None else f"{mean:+.3f}"
 
     def num(pair) -> str:
-        return "n/a" if pair is None else f"{pair[0]:.3f}" + (
-            f" ± {pair[1]:.3f}" if pair[1] is not None else ""
+        return (
+            "n/a"
+            if pair is None
+            else f"{pair[0]:.3f}" + (f" ± {pair[1]:.3f}" if pair[1] is not None else "")
         )
 
     spreads = summary["spreads"]
