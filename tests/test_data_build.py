@@ -323,7 +323,7 @@ def legalbench_fixture(root: Path) -> None:
     tasks = root / "tasks"
     # the GitHub copy of 2023: label column `label`, a question beside the clause, combined
     # by the task's base_prompt.txt (demonstrations first, then the query with its cue)
-    rows = [(["Yes", "No"][i % 2], f"clause {i}", f"question {i}?") for i in range(10)]
+    rows = [(["Yes", "No"][i % 2], f"clause {i}", f"question {i}?") for i in range(40)]
     write_tsv(tasks / "contract_qa" / "train.tsv", ["label", "text", "question"], rows[:6])
     write_tsv(tasks / "contract_qa" / "test.tsv", ["label", "text", "question"], rows[6:])
     (tasks / "contract_qa" / "base_prompt.txt").write_text(
@@ -359,40 +359,35 @@ def test_legalbench_conversion_reads_both_layouts_and_skips_what_it_cannot_use(t
     legalbench_fixture(tmp_path / "legalbench")
     out = tmp_path / "converted"
     summary = convert_legalbench(tmp_path / "legalbench", out, k=5, seeds=(100, 13))
-    assert set(summary["tasks"]) == {
-        "legalbench-contract_qa", "legalbench-hearsay", "legalbench-overruling"
-    }  # fmt: skip
+    assert set(summary["tasks"]) == {"legalbench-contract_qa", "legalbench-hearsay"}
     assert {r: sorted(t) for r, t in summary["skipped"].items()} == {
         "unreadable TSV": ["broken"],
         "several input columns and no base_prompt.txt to combine them": ["lobbying"],
         "base_prompt.txt uses a column the files lack": ["rule"],
         "more than 4 labels (not multiple choice)": ["five_way"],
+        "fewer than k + 20 = 25 questions": ["overruling"],
     }
+    assert summary["skipped"]["fewer than k + 20 = 25 questions"]["overruling"] == "8 questions"
     assert (
         "broken/train.tsv:2: row has fewer columns"
         in summary["skipped"]["unreadable TSV"]["broken"]
     )
     assert summary["tasks"]["legalbench-contract_qa"]["license"] == "CC BY 4.0"
-    assert summary["tasks"]["legalbench-overruling"]["license"].startswith("see LegalBench's")
+    assert summary["tasks"]["legalbench-hearsay"]["license"].startswith("see LegalBench's")
     # every input column the prompt names, the author's way, without its demonstrations
     support = read_jsonl_examples(
         out / "legalbench-contract_qa" / "legalbench-contract_qa_5_100_train.jsonl"
     )
     assert {e.input for e in support} <= {
-        f"Clause: clause {i}\nQuestion: question {i}?" for i in range(6)
+        f"Clause: clause {i}\nQuestion: question {i}?" for i in range(40)
     } and len(support) == 5  # fmt: skip
     assert support[0].options == ("No", "Yes")
     hearsay = read_jsonl_examples(out / "legalbench-hearsay" / "legalbench-hearsay_5_13_test.jsonl")
-    assert hearsay[0].input == "Q: evidence 20 Is there hearsay?" and len(hearsay) == 10
-    # support sets smaller than k: the whole train split, reported, the same for every seed
-    assert summary["support_smaller_than_k"] == {"legalbench-overruling": 4}
-    seeds = [
-        read_jsonl_examples(
-            out / "legalbench-overruling" / f"legalbench-overruling_5_{s}_train.jsonl"
-        )
-        for s in (100, 13)
-    ]
-    assert seeds[0] == seeds[1] and len(seeds[0]) == 4
+    assert len(hearsay) == 20 and all(e.input.endswith("Is there hearsay?") for e in hearsay)
+    # train.tsv and test.tsv pooled: a support pool and a fixed test part, per task
+    assert summary["counts"]["legalbench-hearsay"] == {
+        "questions": 30, "demonstrations": 20, "support_pool": 10, "test": 20, "input": "base_prompt.txt",
+    }  # fmt: skip
     meta = read_jsonl_examples(
         out / "legalbench-hearsay" / "legalbench-hearsay_16384_100_train.jsonl"
     )
@@ -420,6 +415,40 @@ def test_legalbench_conversion_reads_both_layouts_and_skips_what_it_cannot_use(t
     assert not (tmp_path / "x").exists()
 
 
+def test_legalbench_support_is_drawn_per_seed_from_the_tasks_own_questions(tmp_path):
+    """The paper adapts on K examples of the task and scores the rest: each seed draws its
+    k support questions (k = 5 and 16 by default) from the task's pooled train.tsv and
+    test.tsv, the test part is fixed and shares no question with any seed's support."""
+    legalbench_fixture(tmp_path / "legalbench")
+    out = tmp_path / "converted"
+    seeds = (100, 13, 21)
+    summary = convert_legalbench(tmp_path / "legalbench", out, seeds=seeds)
+    assert summary["k"] == [5, 16] and set(summary["tasks"]) == {"legalbench-contract_qa"}
+    assert sorted(summary["skipped"]["fewer than k + 20 = 36 questions"]) == [
+        "hearsay", "overruling"
+    ]  # fmt: skip
+    task = out / "legalbench-contract_qa"
+    counts = summary["counts"]["legalbench-contract_qa"]
+    assert counts == {"questions": 40, "demonstrations": 6, "support_pool": 20, "test": 20,
+                      "input": "base_prompt.txt"}  # fmt: skip
+    for k in (5, 16):
+        tests = [
+            read_jsonl_examples(task / f"legalbench-contract_qa_{k}_{s}_test.jsonl") for s in seeds
+        ]
+        assert all(t == tests[0] for t in tests) and len(tests[0]) == 20  # one fixed test part
+        test_inputs = {e.input for e in tests[0]}
+        supports = [
+            read_jsonl_examples(task / f"legalbench-contract_qa_{k}_{s}_train.jsonl") for s in seeds
+        ]
+        assert all(len(sup) == k for sup in supports)
+        assert all(not ({e.input for e in sup} & test_inputs) for sup in supports)
+        assert len({tuple(e.input for e in sup) for sup in supports}) == len(seeds)  # seeds differ
+    # the demonstrations of train.tsv are questions like the others: some in the pool
+    demos = {f"Clause: clause {i}\nQuestion: question {i}?" for i in range(6)}
+    pooled = read_jsonl_examples(task / "legalbench-contract_qa_16384_100_train.jsonl")
+    assert demos <= {e.input for e in pooled}
+
+
 def test_legalbench_command_reports_once_per_reason(tmp_path):
     legalbench_fixture(tmp_path / "legalbench")
     result = subprocess.run(
@@ -429,10 +458,10 @@ def test_legalbench_command_reports_once_per_reason(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "converted 3 tasks (48 questions)" in lines
-    assert sum(line.startswith("skipped ") for line in lines) == 4
+    assert "converted 2 tasks (70 questions)" in lines
+    assert sum(line.startswith("skipped ") for line in lines) == 5
     support = [line for line in lines if line.startswith("support:")]
-    assert len(support) == 1 and "the same for every seed" in support[0]
+    assert len(support) == 1 and "each seed draws k = 5" in support[0]
 
 
 def test_license_line_is_read_from_its_key_only(tmp_path):
@@ -542,13 +571,12 @@ def test_table3_split_reads_a_metaicl_directory_and_a_converted_folder(tmp_path)
         **quiet(),
     )  # fmt: skip
     assert manifest["split"]["train"] == ["glue-rte", "superglue-rte"]
-    assert manifest["split"]["test"] == [
-        "legalbench-contract_qa", "legalbench-hearsay", "legalbench-overruling"
-    ]  # fmt: skip
+    # overruling (8 questions) is too small for a support pool and a test part
+    assert manifest["split"]["test"] == ["legalbench-contract_qa", "legalbench-hearsay"]
     assert manifest["tasks"]["legalbench-contract_qa"]["eval"]["license"] == "CC BY 4.0"
     # the shipped Table-3 splits name cls-45's training tasks and say what is missing
     registry = load_registry([converted / "tasks.yaml"])
     split = registry.split("cls45_legalbench")
-    assert split.train == registry.split("cls45").train and len(split.test) == 3
+    assert split.train == registry.split("cls45").train and len(split.test) == 2
     with pytest.raises(DataError, match="no chembench task is known: convert them"):
         load_registry().split("cls45_chembench")

@@ -24,6 +24,15 @@ from abmll_tune.data.records import DataError
 from abmll_tune.data.sources import METAICL_HUB_REVISION, METAICL_SEEDS
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"support sizes must be comma-separated integers, got {text!r}"
+        ) from None
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in text.split(","))
@@ -140,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         c = sub.add_parser(name, help=f"convert {what} to a MetaICL directory")
         c.add_argument("--source", required=True)
         c.add_argument("--out", required=True)
-        c.add_argument("--k", type=int, default=16)
+        c.add_argument(
+            "--k",
+            type=_sizes,
+            default=(5, 16),
+            help="support sizes to write, comma-separated (5,16); each seed draws its k "
+            "from the task's own support pool",
+        )
         c.add_argument("--seeds", type=_seeds, default=METAICL_SEEDS)
         c.add_argument(
             "--max-options",
@@ -245,13 +260,12 @@ def format_conversion(summary: dict) -> str:
         lines.append(f"skipped {len(tasks)}: {reason}: {shown}{more}")
     for reason, n in summary.get("skipped_questions", {}).items():
         lines.append(f"skipped {n} questions: {reason}")
-    small = summary.get("support_smaller_than_k") or {}
-    if small:
-        sizes = sorted(set(small.values()))
+    pools = [c["support_pool"] for c in summary["counts"].values() if "support_pool" in c]
+    if pools:
+        ks = ", ".join(map(str, summary["k"]))
         lines.append(
-            f"support: {len(small)} of {len(summary['tasks'])} tasks have fewer than k = "
-            f"{summary['k']} support examples ({sizes[0]}-{sizes[-1]}); their support is the "
-            "whole pool, the same for every seed"
+            f"support: each seed draws k = {ks} questions from its task's pool of "
+            f"{min(pools)}-{max(pools)}; the test part is fixed and never in a support set"
         )
     dead = summary.get("dead_options") or {}
     if dead:

@@ -24,6 +24,7 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -398,13 +399,38 @@ def _legalbench_task(task_dir: Path, name: str, max_options: int):
     return examples["train"], examples["test"], labels, template
 
 
+LEGALBENCH_MIN_TEST = 20  # a task's test part: at least this many questions
+SUPPORT_KS = (5, 16)  # the support sizes written by default: the paper's k = 5 and 16
+
+
+def _support_ks(k: int | Sequence[int]) -> tuple[int, ...]:
+    ks = (k,) if isinstance(k, int) else tuple(k)
+    if not ks or any(x < 1 for x in ks):
+        raise ValueError(f"support sizes must be positive integers, got {k!r}")
+    return tuple(sorted(set(ks)))
+
+
+def _pool_and_test(
+    examples: list[MCExample], ks: tuple[int, ...], min_test: int
+) -> tuple[list[MCExample], list[MCExample]]:
+    """A fixed, seeded division of a task's questions: a support pool of up to 2 max(k)
+    questions, from which every seed draws its k, and a test part (the rest, at least
+    ``min_test``) disjoint from every seed's support."""
+    order = kshot_indices(len(examples), len(examples), 0)
+    pool_size = min(2 * max(ks), len(examples) - min_test)
+    return [examples[i] for i in sorted(order[:pool_size])], [
+        examples[i] for i in sorted(order[pool_size:])
+    ]
+
+
 def convert_legalbench(
     source: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    k: int = 16,
+    k: int | Sequence[int] = SUPPORT_KS,
     seeds=METAICL_SEEDS,
     max_options: int = 4,
+    min_test: int = LEGALBENCH_MIN_TEST,
 ) -> dict:
     """LegalBench task directories (``tasks/<task>/{train,test}.tsv``) to MetaICL.
 
@@ -414,20 +440,29 @@ def convert_legalbench(
     one must have ``text`` as its only input column. Its options are its label set
     (sorted): tasks with 2 to ``max_options`` labels are kept. A task that cannot be
     converted is skipped with its reason and the others go on; only a source where
-    nothing converts is an error. LegalBench's train splits are its support pools: where
-    one is smaller than ``k`` the support is the whole split, the same for every seed
-    (reported). Writes ``conversion.json`` (tasks kept, skipped by reason, support sizes)
-    beside ``tasks.yaml``; returns that summary.
+    nothing converts is an error.
+
+    Support sets are drawn per seed from the task's own questions, as the paper's test
+    protocol adapts on examples "from this dataset": ``train.tsv`` (LegalBench's 4-8
+    in-context demonstrations) and ``test.tsv`` are pooled, each task keeps a fixed,
+    seeded test part, and each seed draws its k support questions for every k in ``k``
+    (default 5 and 16) from a pool of up to 2 max(k) (:func:`_pool_and_test`, as
+    ChemBench's). A task with fewer than max(k) + ``min_test`` questions is skipped and
+    counted. Writes ``conversion.json`` (tasks kept, skipped by reason, per task its
+    questions, demonstrations pooled, support pool and test sizes) beside ``tasks.yaml``;
+    returns that summary.
     """
+    ks = _support_ks(k)
     source = Path(source)
     task_root = source / "tasks" if (source / "tasks").is_dir() else source
     task_dirs = sorted(d for d in task_root.iterdir() if d.is_dir()) if task_root.is_dir() else []
     if not task_dirs:
         raise DataError("no LegalBench task directories found (expected tasks/<task>/)", source)
+    need = max(ks) + min_test
     converted: dict[str, dict] = {}
     counts: dict[str, dict] = {}
     skipped: dict[str, dict[str, str]] = {}
-    payload: dict[str, tuple[list, list]] = {}
+    payload: dict[str, tuple[list, list, list]] = {}
     for task_dir in task_dirs:
         name = "legalbench-" + re.sub(r"[^a-z0-9_.-]+", "_", task_dir.name.lower()).strip("_")
         try:
@@ -435,7 +470,14 @@ def convert_legalbench(
         except _Skip as skip:
             skipped.setdefault(skip.reason, {})[task_dir.name] = skip.detail
             continue
-        payload[name] = (train, test)
+        questions = train + test
+        if len(questions) < need:
+            skipped.setdefault(f"fewer than k + {min_test} = {need} questions", {})[
+                task_dir.name
+            ] = f"{len(questions)} questions"
+            continue
+        pool, heldout = _pool_and_test(questions, ks, min_test)
+        payload[name] = (questions, pool, heldout)
         readme = _readme(task_dir)
         converted[name] = {
             "source": "legalbench",
@@ -445,32 +487,32 @@ def convert_legalbench(
             "labels": labels,
         }
         counts[name] = {
-            "questions": len(train) + len(test),
-            "train": len(train),
-            "test": len(test),
-            "support": min(k, len(train)),
+            "questions": len(questions),
+            "demonstrations": len(train),  # train.tsv, pooled with test.tsv
+            "support_pool": len(pool),
+            "test": len(heldout),
             "input": "base_prompt.txt" if template else "text",
         }
     if not payload:
         reasons = "; ".join(f"{r}: {len(t)}" for r, t in skipped.items())
         raise DataError(f"no usable LegalBench task (skipped {reasons})", source)
-    small = {n: c["train"] for n, c in counts.items() if c["train"] < k}
     summary = {
         "source": "legalbench",
-        "k": k,
+        "k": list(ks),
         "seeds": list(seeds),
+        "min_test": min_test,
         "tasks": converted,
         "counts": counts,
         "skipped": skipped,
-        "support_smaller_than_k": small,
     }
 
     def write(tmp: Path) -> None:
-        for name, (train, test) in payload.items():
-            _write_metaicl_task(tmp, name, train, test, k, seeds)
+        for name, (questions, pool, heldout) in payload.items():
+            for k_ in ks:
+                _write_metaicl_task(tmp, name, pool, heldout, k_, seeds)
             write_jsonl_examples(
                 tmp / metaicl_file(name, CONVERTED_TRAIN_K, CONVERTED_TRAIN_SEED, "train"),
-                train + test,
+                questions,
             )
         (tmp / "tasks.yaml").write_text(_task_yaml(converted), encoding="utf-8")
         (tmp / "conversion.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
@@ -558,7 +600,7 @@ def convert_chembench(
     source: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    k: int = 16,
+    k: int | Sequence[int] = SUPPORT_KS,
     seeds=METAICL_SEEDS,
     max_options: int = 4,
     min_test: int = CHEMBENCH_MIN_TEST,
@@ -571,10 +613,12 @@ def convert_chembench(
     (a support pool and a test part worth scoring); a smaller nested topic is merged into
     its parent folder's (``safety/carcinogens`` into ``safety``), and a top-level one that
     is still too small is skipped and counted. ChemBench has one split: each topic keeps
-    a fixed, seeded test part (everything but a support pool of up to 2k questions) and
-    each seed draws its k support questions from the pool. A topic's meta-training file
-    holds all its questions (what ``--train-source auto`` reads for a training task).
+    a fixed, seeded test part (everything but a support pool of up to 2 max(k)
+    questions) and each seed draws its k support questions from the pool, for every k in
+    ``k`` (default 5 and 16). A topic's meta-training file holds all its questions (what
+    ``--train-source auto`` reads for a training task).
     """
+    ks = _support_ks(k)
     source = Path(source)
     root = source if source.is_dir() else source.parent
     files = (
@@ -613,7 +657,7 @@ def convert_chembench(
                     {"id": f"{item_id}:{j}", "input": ex.get("input"), "output": correct[0],
                      "options": list(scores), "file": path}
                 )  # fmt: skip
-    need = k + min_test
+    need = max(ks) + min_test
     merged: dict[str, list[str]] = {}
     # merge too-small nested topics upward, deepest first, until each is big enough or top
     while small := [t for t in by_topic if "/" in t and len(by_topic[t]) < need]:
@@ -639,10 +683,7 @@ def convert_chembench(
             )
             for q in questions
         ]  # fmt: skip
-        order = kshot_indices(len(examples), len(examples), 0)  # a fixed, seeded division
-        pool_size = min(2 * k, len(examples) - min_test)
-        pool = [examples[i] for i in sorted(order[:pool_size])]
-        test = [examples[i] for i in sorted(order[pool_size:])]
+        pool, test = _pool_and_test(examples, ks, min_test)
         payload[name] = (examples, pool, test)
         dead = sorted({o for e in examples for o in e.options} - {e.output for e in examples})
         counts[name] = {"questions": len(examples), "support_pool": len(pool), "test": len(test),
@@ -654,7 +695,7 @@ def convert_chembench(
         raise DataError(f"no usable ChemBench topic (skipped {reasons})", source)
     summary = {
         "source": "chembench",
-        "k": k,
+        "k": list(ks),
         "seeds": list(seeds),
         "min_test": min_test,
         "tasks": tasks,
@@ -667,7 +708,8 @@ def convert_chembench(
 
     def write(tmp: Path) -> None:
         for name, (examples, pool, test) in payload.items():
-            _write_metaicl_task(tmp, name, pool, test, k, seeds)
+            for k_ in ks:
+                _write_metaicl_task(tmp, name, pool, test, k_, seeds)
             write_jsonl_examples(
                 tmp / metaicl_file(name, CONVERTED_TRAIN_K, CONVERTED_TRAIN_SEED, "train"),
                 examples,
