@@ -96,7 +96,13 @@ def one_run(name: str, seed_index: int, out: Path, common: list[str], epochs: in
         evaluate("pretrained", "null")
         return results
     config, overrides = spec
-    method = OmegaConf.load(REPO / "configs" / f"{config}.yaml").method
+    from abmll_tune.methods import method_class
+
+    # a config names its method as a component (or by name): its class says which recipe
+    cls, problems = method_class(OmegaConf.load(REPO / "configs" / f"{config}.yaml").method)
+    if cls is None:
+        raise ValueError(f"configs/{config}.yaml: {problems}")
+    method = cls.name
     recipe = "abmll_meta_single_device" if method == "abmll" else "reptile_single_device"
     training = [
         f"output_dir={run}",
