@@ -229,6 +229,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench_results/methods"))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    parser.add_argument("--results", type=Path, help="also write the summary here (committed)")
     add_run_arguments(parser, seeds=3)
     args = parser.parse_args()
     out = args.out.resolve()
@@ -247,9 +248,34 @@ def main() -> None:
         "chance_accuracy": chance,
         "methods": table,
     }
+    report["validation"] = {
+        name: [
+            [r["accuracy"] for r in map(json.loads, (out / f"{name}_seed{i}" / "validation.jsonl")
+                                        .read_text().splitlines())]
+            for i in range(args.seeds)
+        ]
+        for name in names
+        if name != "pretrained"
+    }  # fmt: skip
     from abmll_tune.io import atomic_write_json
 
     atomic_write_json(out / "methods.json", report)
+    if args.results is not None:  # the committed summary the docs cite
+        import platform
+
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        atomic_write_json(
+            args.results,
+            {
+                **report,
+                "commit": commit or None,
+                "command": "python bench/bench_methods.py " + " ".join(sys.argv[1:]),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU float32",
+                "methods_settings": {n: METHODS[n] for n in names},
+            },
+        )
     print(
         f"\nEmbedded suite, 30 held-out tasks, {args.seeds} seeds, best-validation epoch of {args.epochs}; chance {chance:.3f} ({report['minutes']:.0f} min)"
     )
