@@ -335,9 +335,13 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_FLOAT_DTYPES = set(_SAFETENSORS_DTYPES.values())
+
+
 def check_adapter_file(path: str | os.PathLike, model: nn.Module) -> None:
     """Check every tensor of ``adapters.safetensors`` (names, shapes, dtypes) against the
-    model's adapter parameters, from the file's own header, before anything is loaded."""
+    model's adapter parameters, from the file's own header, before anything is loaded.
+    Floating dtypes may differ (loading casts); other dtypes must match."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -362,7 +366,9 @@ def check_adapter_file(path: str | os.PathLike, model: nn.Module) -> None:
             problems.append(
                 f"{name}: shape {list(shape)} in the file, {list(p.shape)} in the model"
             )
-        elif dtype != _SAFETENSORS_DTYPES.get(p.dtype, str(p.dtype)):
+        elif dtype not in _FLOAT_DTYPES and dtype != _SAFETENSORS_DTYPES.get(p.dtype, str(p.dtype)):
+            # floating adapters load into any floating model by a cast (a bf16 GPU run
+            # evaluated in fp32 on a CPU); anything else must match
             problems.append(f"{name}: dtype {dtype} in the file, {p.dtype} in the model")
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -380,7 +386,10 @@ def load_training_state(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
     try:
-        state = torch.load(path, weights_only=True)
+        # on the CPU whatever device wrote it (a GPU run's state on a CPU box, or every
+        # rank's optimizer state landing on cuda:0); the optimizers move their states to
+        # their parameters' device when they load them
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
         # torch's message suggests weights_only=False, which would run the file's code
         reason = type(err).__name__
@@ -424,6 +433,6 @@ def load_training_checkpoint(
         raise CheckpointError(f"{adapters}: unreadable ({type(err).__name__}: {err})") from None
     with torch.no_grad():
         for name, p in adapter_params_by_group(model).items():
-            p.copy_(tensors[name])
+            p.copy_(tensors[name])  # casts a floating dtype the file differs in
     set_rng_state(per_rank[rank])
     return meta, state["learner"]

@@ -232,6 +232,54 @@ def test_checkpoint_round_trip_and_shape_check(tmp_path):
         load_training_checkpoint(tmp_path / "ck", make_model(False), "reptile")
 
 
+def test_a_bf16_checkpoint_loads_into_an_fp32_model_by_a_cast(tmp_path):
+    """A checkpoint written by a bf16 run (as on a GPU) evaluates or resumes in fp32: the
+    adapters are cast, the training state is read onto the CPU (map_location), and a
+    non-floating mismatch is still refused."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_model(True).to(torch.bfloat16)
+    kwargs = dict(method="abmll", learner_state={"inner_optimizer": None,
+                  "outer_optimizer": None}, sampler_state={}, progress={}, config={},
+                  peft_kwargs=None)  # fmt: skip
+    save_training_checkpoint(tmp_path / "ck", model=model, **kwargs)
+    assert {t.dtype for t in load_file(str(tmp_path / "ck" / "adapters.safetensors")).values()} == {
+        torch.bfloat16
+    }
+    fp32 = make_model(True, seed=1)
+    load_training_checkpoint(tmp_path / "ck", fp32, "abmll")
+    for (name, a), b in zip(params(model, None).items(), params(fp32, None).values(), strict=True):
+        assert b.dtype == torch.float32 and torch.equal(a.float(), b), name
+    # an integer tensor where the model has a float one is not a cast
+    adapters = load_file(str(tmp_path / "ck" / "adapters.safetensors"))
+    first = next(iter(adapters))
+    adapters[first] = adapters[first].to(torch.int32)
+    save_file(adapters, str(tmp_path / "ck" / "adapters.safetensors"))
+    with pytest.raises(CheckpointError, match=r"dtype I32 in the file, torch.float32 in the model"):
+        load_training_checkpoint(tmp_path / "ck", fp32, "abmll")
+
+
+def test_training_state_is_read_onto_the_cpu(tmp_path, monkeypatch):
+    """torch.load gets map_location="cpu": a state saved on a GPU opens on a CPU box."""
+    from abmll_tune import checkpointing
+
+    seen = {}
+    real_load = torch.load
+
+    def spy(path, **kw):
+        seen.update(kw)
+        return real_load(path, **kw)
+
+    monkeypatch.setattr(checkpointing.torch, "load", spy)
+    model = make_model(True)
+    kwargs = dict(method="abmll", learner_state={"inner_optimizer": None,
+                  "outer_optimizer": None}, sampler_state={}, progress={}, config={},
+                  peft_kwargs=None)  # fmt: skip
+    save_training_checkpoint(tmp_path / "ck", model=model, **kwargs)
+    checkpointing.load_training_state(tmp_path / "ck" / "training_state.pt")
+    assert seen == {"weights_only": True, "map_location": "cpu"}
+
+
 def test_exported_peft_adapter_loads_into_torchtunes_lora_model_with_the_same_logits(tmp_path):
     model = make_model(True)
     out = export_peft_adapter(
