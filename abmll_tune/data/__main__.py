@@ -24,22 +24,22 @@ from abmll_tune.data.records import DataError
 from abmll_tune.data.sources import METAICL_HUB_REVISION, METAICL_SEEDS
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"support sizes must be comma-separated integers, got {text!r}"
-        ) from None
+def _int_list(what: str):
+    """An argparse type: comma-separated integers, named ``what`` in its error."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(s) for s in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be comma-separated integers, got {text!r}"
+            ) from None
+
+    return parse
 
 
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"seeds must be comma-separated integers, got {text!r}"
-        ) from None
+_seeds = _int_list("seeds")
+_sizes = _int_list("support sizes")
 
 
 def _optional_int(text: str) -> int | None:
