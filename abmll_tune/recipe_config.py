@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
+from abmll_tune.data.loader import check_visits_per_epoch
 from abmll_tune.evaluation import EvalSettings
 from abmll_tune.methods import Method, build_method, method_class
 from abmll_tune.settings import check_settings, setting
@@ -40,7 +41,7 @@ class RecipeSettings:
     """The plain (non-component) keys of the meta-training recipes."""
 
     output_dir: str = setting(doc="where checkpoints and logs go")
-    epochs: int = setting(doc="passes over the training tasks", minimum=1)
+    epochs: int = setting(doc="epochs to train (what one is: `visits_per_epoch`)", minimum=1)
     seed: int = setting(0, doc="seeds adapters, task order and noise")
     device: str = setting("cpu", doc="`cpu`, `cuda`, `cuda:N`")
     dtype: str = setting("fp32", doc="model precision", choices=("fp32", "bf16"))
@@ -51,6 +52,19 @@ class RecipeSettings:
         "uniform",
         doc="order of task visits: each task once per epoch, or in proportion to its size",
         choices=("uniform", "proportional"),
+    )
+    visits_per_epoch: int | str = setting(
+        "tasks",
+        doc="what an epoch is: `tasks` (one visit per training task), `data` (a pass over "
+        "the training examples, each used once: the paper's epoch; docs/training.md) or a "
+        "number of visits; Regular LoRA's epoch is always a pass over the pooled examples",
+        minimum=1,
+    )
+    validate_every_n_visits: int | None = setting(
+        None,
+        doc="also validate every N visits within an epoch (a data epoch of a large split "
+        "takes hours); best-checkpoint selection and early stopping count these too",
+        minimum=1,
     )
     save_every_n_visits: int | None = setting(
         None, doc="periodic checkpoint to `checkpoints/latest`", minimum=1
@@ -65,7 +79,7 @@ class RecipeSettings:
     stop_after_visits: int | None = setting(None, doc="stop early (and checkpoint)", minimum=1)
     early_stopping_patience: int | None = setting(
         None,
-        doc="stop when validation accuracy has not improved for this many epochs "
+        doc="stop when validation accuracy has not improved for this many validations "
         "(`checkpoints/best` keeps the best); null: run every epoch",
         minimum=1,
     )
@@ -98,6 +112,7 @@ class RecipeSettings:
     fsdp_reshard_after_forward: bool = setting(True, doc="(distributed) FSDP2 reshard policy")
 
     def __post_init__(self):
+        check_visits_per_epoch(self.visits_per_epoch)
         if self.resume_from_checkpoint and self.overwrite_output_dir:
             raise ValueError(
                 "resume_from_checkpoint and overwrite_output_dir: a run either continues the "
@@ -148,6 +163,7 @@ RESUME_INVARIANTS = (
     "inner_steps",
     "gradient_accumulation_steps",
     "task_sampling",
+    "visits_per_epoch",
     "model",
     "data",
 )

@@ -30,7 +30,7 @@ import torch
 PROTOCOLS = {"K0": (5, 0, 1), "K1": (1, 1, 1), "K5": (5, 5, 1), "K16": (16, 8, 2)}
 # how every method adapts (bench_planted's validation too): chosen on the truth model
 # (docs/method.md "The planted benchmark"); each a command-line option
-ADAPTATION = {"optimizer": "adamw", "beta": "per_example", "lr_mean": 1e-2, "lr_std": 1e-3}
+ADAPTATION = {"optimizer": "adamw", "beta": None, "lr_mean": 1e-2, "lr_std": 1e-3}
 STEPS: dict[str, int] = {}  # protocol -> adaptation steps, replacing PROTOCOLS' (support repeated)
 SAMPLES = 10  # ABMLL: posterior predictive of 10 samples
 

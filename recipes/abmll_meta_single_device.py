@@ -203,18 +203,35 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         )
         s = self._settings
         if self._method.pools_tasks:  # Regular LoRA: every task's batches, pooled
+            if isinstance(s.visits_per_epoch, int):
+                raise RecipeConfigError(
+                    [
+                        f"visits_per_epoch: {self._method.name}'s epoch is a pass over the "
+                        "pooled training examples; set `tasks` or `data` (both mean that)"
+                    ]
+                )
             pooled = PooledBatchSampler(
                 tasks, batch_size=s.batch_size, seed=s.seed, pad_id=self._data.pad_id
             )
-            return PooledVisits(pooled, self._learner.batches_per_task)
-        return MetaTaskSampler(
-            tasks,
-            batch_size=s.batch_size,
-            batches_per_task=self._learner.batches_per_task,
-            seed=s.seed,
-            task_sampling=s.task_sampling,
-            pad_id=self._data.pad_id,
+            sampler = PooledVisits(pooled, self._learner.batches_per_task)
+        else:
+            sampler = MetaTaskSampler(
+                tasks,
+                batch_size=s.batch_size,
+                batches_per_task=self._learner.batches_per_task,
+                seed=s.seed,
+                task_sampling=s.task_sampling,
+                pad_id=self._data.pad_id,
+                visits_per_epoch=s.visits_per_epoch,
+            )
+        per_visit = self._learner.batches_per_task * s.batch_size
+        utils.log_rank_zero(
+            log,
+            f"an epoch ({'data' if self._method.pools_tasks else s.visits_per_epoch}): "
+            f"{len(sampler)} task visits of {per_visit} questions, "
+            f"{len(sampler) * self._method.steps_per_visit(s.inner_steps)} gradient steps",
         )
+        return sampler
 
     def _resume(self, cfg: DictConfig) -> None:
         directory = self._output_dir / "checkpoints" / "latest"
@@ -241,8 +258,10 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         self._visits_done = meta["progress"]["visits"]
         history = self._output_dir / "validation.jsonl"
         if history.is_file():
-            self._validation_history = [
-                json.loads(line) for line in history.read_text().splitlines() if line.strip()
+            self._validation_history = [  # rows after the checkpoint are redone
+                row
+                for line in history.read_text().splitlines()
+                if line.strip() and (row := json.loads(line))["visits"] <= self._visits_done
             ]
         # A periodic checkpoint after an epoch's last visit, with the epoch-end work
         # (validation, epoch_N/) not done yet: the resumed run must do it first.
@@ -311,9 +330,11 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
 
     # ------------------------------------------------------------------ train
 
-    def validate(self, validation_epoch: int) -> dict | None:
+    def validate(self, validation_epoch: int, within_epoch: bool = False) -> dict | None:
         """Few-shot validation on the selection tasks' validation parts; keeps the best
-        (highest accuracy) adapters in ``checkpoints/best``. Epoch 0 is before training."""
+        (highest accuracy) adapters in ``checkpoints/best``. Epoch 0 is before training;
+        ``validation_epoch`` N is after N epochs. ``within_epoch``: a validation during
+        epoch ``validation_epoch`` (0-based), ``validate_every_n_visits``."""
         settings = self._settings.validation
         if settings is None:
             return None
@@ -345,7 +366,11 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             )
         summary = summarize(records)
         chosen = summary[f"{self._method.default_variant}@0"]["summary"]
+        # a row's epoch: epochs completed when it was taken (within an epoch: that epoch's
+        # 0-based index, so a resume that redoes an epoch's end keeps the rows inside it)
         row = {"epoch": validation_epoch, "visits": self._visits_done}
+        if within_epoch:
+            row["within_epoch"] = True
         row.update({m: chosen[m]["mean"] for m in ("accuracy", "ece", "nll", "brier")})
         row["variants"] = {
             k: {m: v["summary"][m]["mean"] for m in ("accuracy", "ece")} for k, v in summary.items()
@@ -363,11 +388,15 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                 step=self._visits_done,
             )
         if best_before is None or row["accuracy"] > best_before:
-            self.save_checkpoint(max(validation_epoch - 1, 0), best=row)
+            epoch = validation_epoch if within_epoch else max(validation_epoch - 1, 0)
+            self.save_checkpoint(epoch, best=row)
         if self._is_rank_zero:
-            log.info(
-                f"validation after epoch {validation_epoch}: accuracy {row['accuracy']:.3f}, ECE {row['ece']:.3f}"
+            when = (
+                f"at visit {self._visits_done} (epoch {validation_epoch + 1})"
+                if within_epoch
+                else f"after epoch {validation_epoch}"
             )
+            log.info(f"validation {when}: accuracy {row['accuracy']:.3f}, ECE {row['ece']:.3f}")
         return row
 
     def train(self) -> None:
@@ -405,6 +434,24 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                 every = s.save_every_n_visits
                 if (every and self._visits_done % every == 0) or self._visits_done == stop_after:
                     self.save_checkpoint(epoch)
+                every_val = s.validate_every_n_visits
+                if (
+                    every_val
+                    and self._visits_done % every_val == 0
+                    and self._sampler.resume_point()[1] > 0  # not the epoch's end: it validates
+                    and self._visits_done != stop_after
+                ):
+                    self.validate(epoch, within_epoch=True)
+                    if self._validation_stalled():
+                        progress.close()
+                        self.save_checkpoint(epoch)
+                        utils.log_rank_zero(
+                            log,
+                            f"Stopped at visit {self._visits_done}: validation accuracy has not "
+                            f"improved for {s.early_stopping_patience} validations "
+                            "(early_stopping_patience)",
+                        )
+                        return
                 if self._visits_done == stop_after:
                     progress.close()
                     utils.log_rank_zero(
@@ -424,7 +471,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                 utils.log_rank_zero(
                     log,
                     f"Stopped after epoch {epoch + 1}: validation accuracy has not improved for "
-                    f"{s.early_stopping_patience} epochs (early_stopping_patience)",
+                    f"{s.early_stopping_patience} validations (early_stopping_patience)",
                 )
                 return
 

@@ -200,3 +200,76 @@ def test_merged_batches_score_as_the_batches_did(train_tasks):
         together = answer_logits(model, merged)
     torch.testing.assert_close(together, separate, rtol=1e-5, atol=1e-5)
     assert merge_batches(visit.batches[:1]) is visit.batches[0]
+
+
+def test_a_data_epoch_uses_every_example_at_most_once_and_drops_only_remainders(train_tasks):
+    names = sorted(train_tasks)
+    # uneven sizes: 37 examples make 3 visits of 12 (1 left out), 25 make 2 (1 left out)
+    sized = {names[0]: train_tasks[names[0]][:37], names[1]: train_tasks[names[1]][:25],
+             names[2]: train_tasks[names[2]]}  # fmt: skip
+    sampler = MetaTaskSampler(
+        sized, batch_size=2, batches_per_task=6, seed=5, visits_per_epoch="data"
+    )
+    expected = {t: len(ex) // 12 for t, ex in sized.items()}
+    assert len(sampler) == sum(expected.values())
+    epochs = []
+    for epoch in range(2):
+        visits = list(sampler.visits(epoch))
+        assert len(visits) == len(sampler)
+        used = {t: [] for t in sized}
+        for visit in visits:
+            assert {t for b in visit.batches for t in b["task"]} == {visit.task}
+            used[visit.task] += [i for b in visit.batches for i in b["id"]]
+        for task, ids in used.items():
+            assert len(ids) == len(set(ids)) == 12 * expected[task]  # each once, no repeats
+            assert len(sized[task]) - len(ids) < 12  # only a remainder smaller than a visit
+        epochs.append(([v.task for v in visits], used))
+    # tasks interleave (not one task's visits in a row) and each epoch reshuffles
+    plan = epochs[0][0]
+    assert plan != sorted(plan) and epochs[0][0] != epochs[1][0]
+    assert epochs[0][1][names[0]] != epochs[1][1][names[0]]
+
+
+def test_a_data_epoch_resumes_exactly_and_refuses_another_epoch_definition(train_tasks):
+    def make(visits_per_epoch="data"):
+        return MetaTaskSampler(
+            train_tasks, batch_size=2, batches_per_task=5, seed=2, visits_per_epoch=visits_per_epoch
+        )
+
+    reference = make()
+    full = [visit_ids(v) for e in range(2) for v in reference.visits(e)]
+    interrupted = make()
+    seen = []
+    for visit in interrupted.visits(0):
+        seen.append(visit_ids(visit))
+        if len(seen) == 7:
+            break
+    state = interrupted.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    while len(seen) < len(full):
+        seen += [visit_ids(v) for v in resumed.visits(*resumed.resume_point())]
+    assert seen == full
+    with pytest.raises(ValueError, match="visits_per_epoch='data'"):
+        make("tasks").load_state_dict(state)
+    legacy = {k: v for k, v in make("tasks").state_dict().items() if k != "visits_per_epoch"}
+    make("tasks").load_state_dict(legacy)  # a checkpoint from before the setting
+
+
+def test_an_integer_epoch_cycles_through_fresh_task_shuffles(train_tasks):
+    n = len(train_tasks)
+    sampler = MetaTaskSampler(
+        train_tasks, batch_size=2, batches_per_task=5, seed=0, visits_per_epoch=2 * n + 1
+    )
+    plan = sampler.epoch_plan(0)
+    assert len(sampler) == len(plan) == 2 * n + 1
+    assert sorted(plan[:n]) == sorted(plan[n : 2 * n]) == sorted(train_tasks)
+    assert plan[:n] != plan[n : 2 * n]
+    tasks_mode = MetaTaskSampler(train_tasks, batch_size=2, batches_per_task=5, seed=0)
+    assert plan[:n] == tasks_mode.epoch_plan(0)  # the first turn is the `tasks` epoch
+
+
+@pytest.mark.parametrize("bad", ["everything", 0, -3, True, 2.5])
+def test_visits_per_epoch_must_be_tasks_data_or_a_positive_integer(train_tasks, bad):
+    with pytest.raises(ValueError, match="visits_per_epoch must be 'tasks', 'data' or an integer"):
+        MetaTaskSampler(train_tasks, batch_size=2, batches_per_task=5, seed=0, visits_per_epoch=bad)

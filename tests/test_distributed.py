@@ -70,16 +70,22 @@ def visited(out: Path, rank: int) -> list[dict]:
 # ------------------------------------------------------------------ sampler (one process)
 
 
-def _sampler(n_tasks: int, seed: int = 0, sampling: str = "uniform") -> MetaTaskSampler:
+def _sampler(
+    n_tasks: int, seed: int = 0, sampling: str = "uniform", visits_per_epoch="tasks", size=4
+) -> MetaTaskSampler:
     from abmll_tune.data.prompt import TokenizedExample
 
     def example(task: str, i: int) -> TokenizedExample:
         return TokenizedExample([1, 2, 3, 4], [-100, -100, 3, -100], [3, 5], 0, task, str(i))
 
-    tasks = {f"task{t:02d}": [example(f"task{t:02d}", i) for i in range(4)] for t in range(n_tasks)}
+    tasks = {
+        f"task{t:02d}": [example(f"task{t:02d}", i) for i in range(size + t)]
+        for t in range(n_tasks)
+    }
     return MetaTaskSampler(
-        tasks, batch_size=1, batches_per_task=2, seed=seed, task_sampling=sampling
-    )
+        tasks, batch_size=1, batches_per_task=2, seed=seed, task_sampling=sampling,
+        visits_per_epoch=visits_per_epoch,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("n_tasks, world", [(10, 2), (10, 3), (7, 7)])
@@ -95,6 +101,22 @@ def test_sampler_gives_each_rank_distinct_tasks_and_equal_steps(n_tasks, world):
         for step in range(n_tasks // world):
             assert [tasks[step] for tasks in per_rank] == plan[step * world : (step + 1) * world]
     assert shares[0].dropped_per_epoch == n_tasks % world
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_data_epoch_splits_over_ranks_without_using_an_example_twice(world):
+    # tasks of 4 to 9 examples: 2 to 4 visits each, 17 in all; ranks share the plan
+    base = _sampler(6, visits_per_epoch="data")
+    assert len(base) == sum((4 + t) // 2 for t in range(6))
+    shares = [DistributedTaskSampler(base, rank=r, world_size=world) for r in range(world)]
+    for epoch in (0, 1):
+        visits = [v for s in shares for v in s.visits(epoch)]
+        assert len(visits) == (len(base) // world) * world
+        ids = [(v.task, i) for v in visits for b in v.batches for i in b["id"]]
+        assert len(ids) == len(set(ids))  # no example twice in an epoch, across ranks
+        plan = base.epoch_plan(epoch)
+        assert sorted(v.position for v in visits) == list(range(len(visits)))
+        assert all(plan[v.position] == v.task for v in visits)
 
 
 def test_sampler_resumes_and_refuses_another_world_size():

@@ -192,3 +192,55 @@ def test_early_stopping_ends_training_when_validation_stops_improving(overrides,
     rows = [json.loads(x) for x in (out / "validation.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and rows[0]["accuracy"] == rows[1]["accuracy"]
     assert sorted(p.name for p in (out / "checkpoints").glob("epoch_*")) == ["epoch_0"]
+
+
+def test_validation_within_epochs_selects_and_stops_on_those_validations(
+    overrides, tmp_path, capsys
+):
+    # an epoch of 20 visits, validated every 5: with a Reptile whose global adapters never
+    # move, the validations after visits 5 and 10 equal the one before training, and
+    # patience 2 stops the run at visit 10, within its first epoch
+    out = tmp_path / "within"
+    code, err = tune_run(
+        "reptile", out, overrides, "epochs=2", "visits_per_epoch=20",
+        "validate_every_n_visits=5", "early_stopping_patience=2",
+        "method.outer_step_mean=0.0", "validation.max_tasks=2", capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err[-2000:]
+    rows = [json.loads(x) for x in (out / "validation.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["visits"], r.get("within_epoch", False)) for r in rows] == [
+        (0, 0, False), (0, 5, True), (0, 10, True)
+    ]  # fmt: skip
+    visits = (out / "logs" / "task_visits_rank0.jsonl").read_text().splitlines()
+    assert len(visits) == 10
+    meta = json.loads((out / "checkpoints" / "latest" / "meta.json").read_text())
+    assert meta["progress"]["visits"] == 10 and not meta["progress"]["epoch_end"]
+    best = json.loads((out / "checkpoints" / "best" / "meta.json").read_text())
+    assert best["progress"]["validation"]["visits"] == 0  # never beaten
+
+
+def test_regular_lora_refuses_an_epoch_of_a_number_of_visits(overrides, tmp_path, capsys):
+    code, err = tune_run("lora", tmp_path / "lora", overrides, "visits_per_epoch=10", capsys=capsys)
+    assert code == 2 and "visits_per_epoch: lora's epoch is a pass over the pooled" in err
+
+
+def test_a_resume_within_a_validated_epoch_matches_the_straight_run(overrides, tmp_path, capsys):
+    common = ["epochs=1", "visits_per_epoch=12", "validate_every_n_visits=4", "inner_steps=2",
+              "validation.max_tasks=1", "validation.seeds=[100]"]  # fmt: skip
+    straight = tmp_path / "straight"
+    assert tune_run("reptile", straight, overrides, *common, capsys=capsys)[0] == 0
+    resumed = tmp_path / "resumed"
+    code, err = tune_run("reptile", resumed, overrides, *common, "stop_after_visits=6",
+                         capsys=capsys)  # fmt: skip
+    assert code == 0, err[-2000:]
+    code, err = tune_run("reptile", resumed, overrides, *common, "resume_from_checkpoint=true",
+                         capsys=capsys)  # fmt: skip
+    assert code == 0, err[-2000:]
+
+    def rows(out):
+        return [json.loads(x) for x in (out / "validation.jsonl").read_text().splitlines()]
+
+    assert [r["visits"] for r in rows(straight)] == [0, 4, 8, 12]
+    assert rows(resumed) == rows(straight)
+    a, b = final_adapters(straight), final_adapters(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

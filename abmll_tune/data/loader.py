@@ -170,6 +170,16 @@ class TaskVisit:
     batches: list[dict]
 
 
+def check_visits_per_epoch(value) -> None:
+    """Raise ValueError unless ``value`` is ``"tasks"``, ``"data"`` or an integer >= 1."""
+    if value in ("tasks", "data"):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"visits_per_epoch must be 'tasks', 'data' or an integer >= 1, got {value!r}"
+        )
+
+
 class MetaTaskSampler:
     """Tasks one at a time, each with ``batches_per_task`` batches of its own examples.
 
@@ -179,10 +189,19 @@ class MetaTaskSampler:
         batches_per_task: batches drawn per visit (K inner steps, plus 1 for a query
             batch where the method uses one); drawn without replacement.
         seed: the sampler's seed.
-        task_sampling: ``uniform`` (every task once per epoch, order shuffled per
-            epoch) or ``proportional`` (as many visits per epoch as tasks, drawn with
-            probability proportional to a task's size).
+        task_sampling: ``uniform`` (tasks in turn, order shuffled per epoch) or
+            ``proportional`` (each visit's task drawn with probability proportional to
+            its size). Ignored with ``visits_per_epoch="data"``.
         pad_id: padding token id.
+        visits_per_epoch: ``"tasks"`` (one visit per task: an epoch is a pass over the
+            tasks), ``"data"`` (an epoch is a pass over the training examples: each
+            task's examples are shuffled and cut into visits of ``batch_size x
+            batches_per_task`` examples, every example used at most once; the
+            remainder smaller than a visit, different examples each epoch, is left out;
+            the visits of all tasks are shuffled together, which draws a task with
+            probability proportional to the visits it has left), or an integer N (N
+            visits, tasks as ``task_sampling`` says; under ``uniform`` N > number of
+            tasks cycles through fresh shuffles).
 
     A visit depends only on (seed, epoch, position), so ``visits(epoch, start)``
     resumes exactly where a saved ``state_dict`` says.
@@ -197,7 +216,9 @@ class MetaTaskSampler:
         seed: int,
         task_sampling: str = "uniform",
         pad_id: int = 0,
+        visits_per_epoch: str | int = "tasks",
     ):
+        check_visits_per_epoch(visits_per_epoch)
         if task_sampling not in ("uniform", "proportional"):
             raise ValueError(
                 f"task_sampling must be 'uniform' or 'proportional', got {task_sampling!r}"
@@ -216,25 +237,76 @@ class MetaTaskSampler:
         self.names = list(self.tasks)
         self.batch_size, self.batches_per_task = batch_size, batches_per_task
         self.seed, self.task_sampling, self.pad_id = seed, task_sampling, pad_id
+        self.visits_per_epoch = visits_per_epoch
         self.epoch, self.position = 0, 0
+        self._plans: dict[int, list[str]] = {}  # epoch -> plan (the last two kept)
+        self._slots: dict[int, tuple[list[str], list[int]]] = {}
+
+    @property
+    def examples_per_visit(self) -> int:
+        return self.batch_size * self.batches_per_task
 
     def __len__(self) -> int:
         """Visits per epoch."""
-        return len(self.names)
+        if self.visits_per_epoch == "tasks":
+            return len(self.names)
+        if self.visits_per_epoch == "data":
+            return sum(len(ex) // self.examples_per_visit for ex in self.tasks.values())
+        return int(self.visits_per_epoch)
 
     def epoch_plan(self, epoch: int) -> list[str]:
+        """The tasks of ``epoch``'s visits, in order."""
+        if epoch not in self._plans:
+            self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}
+            self._plans[epoch] = self._make_plan(epoch)
+        return self._plans[epoch]
+
+    def _make_plan(self, epoch: int) -> list[str]:
         rng = random.Random(f"{self.seed}:plan:{epoch}")
-        if self.task_sampling == "uniform":
-            plan = list(self.names)
+        if self.visits_per_epoch == "data":
+            plan = [
+                t for t, ex in self.tasks.items() for _ in range(len(ex) // self.examples_per_visit)
+            ]
             rng.shuffle(plan)
             return plan
+        n = len(self)
+        if self.task_sampling == "uniform":
+            plan = []
+            while len(plan) < n:  # whole shuffles of the tasks, the last one cut
+                turn = list(self.names)
+                rng.shuffle(turn)
+                plan.extend(turn)
+            return plan[:n]
         weights = [len(self.tasks[t]) for t in self.names]
-        return rng.choices(self.names, weights=weights, k=len(self.names))
+        return rng.choices(self.names, weights=weights, k=n)
+
+    def _slot(self, epoch: int) -> list[int]:
+        """Per position of ``epoch``'s plan: how many visits of its task come before it."""
+        plan = self.epoch_plan(epoch)
+        if self._slots.get(epoch, (None,))[0] is not plan:
+            seen: dict[str, int] = {}
+            slots = []
+            for task in plan:
+                slots.append(seen.get(task, 0))
+                seen[task] = slots[-1] + 1
+            self._slots = {epoch: (plan, slots)}
+        return self._slots[epoch][1]
+
+    def _chosen(self, epoch: int, position: int, task: str) -> list[int]:
+        """Indices of ``task``'s examples in the visit at ``position``."""
+        need, n = self.examples_per_visit, len(self.tasks[task])
+        if self.visits_per_epoch == "data":
+            # the task's j-th visit of the epoch takes the j-th slice of its shuffle
+            j = self._slot(epoch)[position]
+            order = list(range(n))
+            random.Random(f"{self.seed}:pass:{epoch}:{task}").shuffle(order)
+            return order[j * need : (j + 1) * need]
+        rng = random.Random(f"{self.seed}:visit:{epoch}:{position}:{task}")
+        return rng.sample(range(n), need)
 
     def visit(self, epoch: int, position: int, task: str) -> TaskVisit:
         examples = self.tasks[task]
-        rng = random.Random(f"{self.seed}:visit:{epoch}:{position}:{task}")
-        chosen = rng.sample(range(len(examples)), self.batch_size * self.batches_per_task)
+        chosen = self._chosen(epoch, position, task)
         batches = [
             collate_mc([examples[i] for i in chosen[b : b + self.batch_size]], self.pad_id)
             for b in range(0, len(chosen), self.batch_size)
@@ -263,6 +335,7 @@ class MetaTaskSampler:
             "position": self.position,
             "seed": self.seed,
             "task_sampling": self.task_sampling,
+            "visits_per_epoch": self.visits_per_epoch,
             "tasks": self.names,
         }
 
@@ -273,9 +346,11 @@ class MetaTaskSampler:
                 f"the checkpoint was written by {processes} processes (recipes/"
                 "abmll_meta_distributed): resume with the same recipe and --nproc_per_node"
             )
+        state = {"visits_per_epoch": "tasks", **state}  # written before visits_per_epoch
         for key, mine in (
             ("seed", self.seed),
             ("task_sampling", self.task_sampling),
+            ("visits_per_epoch", self.visits_per_epoch),
             ("tasks", self.names),
         ):
             if state.get(key) != mine:
