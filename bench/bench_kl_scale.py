@@ -33,8 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import TUNE, _run, prepare  # noqa: E402
+from bench_methods import TUNE, _run, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (100, 13, 21)

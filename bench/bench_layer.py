@@ -55,7 +55,7 @@ SHAPE = dict(
     max_seq_len=512,
 )
 TARGETS = ["q_proj", "v_proj", "output_proj"]
-# ABMLL's adapters as the 8B configs build them (also bench/gpu_check.py's)
+# ABMLL's adapters as the 8B configs build them (also bench/device/gpu_check.py's)
 PAPER_ADAPTERS = dict(lora_rank=8, lora_alpha=16, std_b_init_std=2e-2, kl_dtype="float32")
 BETA, GAMMA = 5e-10, 1e-6
 VARIANTS = (

@@ -48,10 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import EB_OVERRIDES, TUNE, _run, prepare  # noqa: E402
-from planted_eval import ADAPTATION, PROTOCOLS  # noqa: E402
+from bench_methods import EB_OVERRIDES, TUNE, _run, prepare
+from planted_eval import ADAPTATION, PROTOCOLS
 
 REPO = Path(__file__).resolve().parents[1]
 SUPPORT_SEEDS = (100, 13, 21, 42, 87)  # MetaICL's five support seeds

@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_methods import REPO, TUNE, _run, add_run_arguments, prepare, run_all  # noqa: E402
+from bench_methods import REPO, TUNE, _run, add_run_arguments, prepare, run_all
 
 # name -> overrides of configs/tiny_cpu_abmll.yaml
 VARIANTS: dict[str, list[str]] = {

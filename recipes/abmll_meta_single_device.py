@@ -70,7 +70,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
     """Meta-training of LoRA adapters on one device (see the module docstring).
 
     Config keys and their defaults: :class:`abmll_tune.recipe_config.RecipeSettings` and
-    the method's class; the README's "Meta-training" section has their tables.
+    the method's class; docs/training.md has their tables.
     """
 
     def __init__(self, cfg: DictConfig) -> None:

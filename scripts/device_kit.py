@@ -3,11 +3,11 @@
     python scripts/device_kit.py                         # .whl/ for the GPU image (make device-kit)
     python scripts/device_kit.py --python-version 3.11 --out .rehearsal/kit   # for this machine
 
-The lent machine (README "GPU check") is offline, with Python 3.12 and a CUDA build of
+The lent machine (docs/gpu.md) is offline, with Python 3.12 and a CUDA build of
 torch and most of what the project imports preinstalled, but not torchtune and the
 packages below. The kit holds exactly those, at the versions ``constraints.txt`` pins,
 as wheels for CPython ``--python-version`` on manylinux x86-64, and a wheel of this
-project; ``bench/run_on_device.sh`` installs it there with ``pip install --no-index
+project; ``bench/device/run_on_device.sh`` installs it there with ``pip install --no-index
 --no-deps --target``. The kit travels with the working tree, whose whole size a lent
 machine takes is limited: the build fails if the kit and the tree together exceed
 ``--limit-mib`` (48). The kit is built in a temporary folder and swapped in whole;

@@ -1,6 +1,6 @@
 """scripts/device_kit.py (make device-kit): the pins it takes, the one-wheel-per-package and
 size checks. Downloading is pip's; the whole kit is rehearsed by `make device-rehearsal`
-(CI), which installs it with --target and runs bench/run_on_device.sh --cpu-smoke."""
+(CI), which installs it with --target and runs bench/device/run_on_device.sh --cpu-smoke."""
 
 import importlib.util
 import json
@@ -61,7 +61,13 @@ def test_size_limit_counts_the_kit_and_what_travels():
 def test_gpu_check_interrupted_keeps_the_parts_that_finished(tmp_path):
     # a timeout's SIGTERM (run_on_device.sh's guard) must leave a JSON with whole parts
     out = tmp_path / "gpu_check.json"
-    cmd = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-smoke", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "device" / "gpu_check.py"),
+        "--cpu-smoke",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

@@ -175,7 +175,7 @@ def test_one_outer_step_on_two_processes_equals_the_averaged_single_process_upda
     got = adapters(out)
 
     # the reference: one process adapts to the two tasks one after the other from the same
-    # global adapters, then averages the two updates (README, "Several GPUs")
+    # global adapters, then averages the two updates (docs/distributed.md)
     recipe, cfg = _single_process_recipe(method, embedded_overrides, extra, tmp_path / "ref")
     model, learner, sampler = recipe._model, recipe._learner, recipe._sampler
     globals_ = adapter_params_by_group(model, "global")

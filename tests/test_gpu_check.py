@@ -1,4 +1,4 @@
-"""bench/gpu_check.py (make gpu-check) runs end to end in --cpu-smoke mode, so that the
+"""bench/device/gpu_check.py (make gpu-check) runs end to end in --cpu-smoke mode, so that the
 one prepared GPU command cannot rot between the rare sessions that have a GPU."""
 
 import json
@@ -13,7 +13,13 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     # no --embedded: the suite, split and backbone are built by the script itself, as on a
     # GPU (that path once called the data builder with an old signature, untested)
     out = tmp_path / "gpu_check.json"
-    cmd = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-smoke", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "device" / "gpu_check.py"),
+        "--cpu-smoke",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     report = json.loads(out.read_text())

@@ -1,4 +1,4 @@
-"""The typed settings: the README's tables come from them, and their checks name the key."""
+"""The typed settings: the docs' tables come from them, and their checks name the key."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,19 +12,24 @@ from abmll_tune.modules import gaussian
 from abmll_tune.settings import check_settings, setting
 from abmll_tune.settings_tables import render_readme
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from abmll_tune.settings_tables import generated_pages
+
+TRAINING = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
 
-def test_the_readme_tables_are_generated_from_the_settings_classes():
-    text = README.read_text()
-    for name in ("RecipeSettings", "ABMLL", "Reptile", "StructuredLoRA", "EvalSettings"):
-        assert f"<!-- settings: {name} -->" in text
-    assert render_readme(text) == text, "run: python -m abmll_tune.settings_tables README.md"
+def test_the_documented_tables_are_generated_from_the_settings_classes():
+    pages = {p.name: p.read_text() for p in generated_pages()}
+    for name in ("RecipeSettings", "ABMLL", "Reptile", "StructuredLoRA"):
+        assert f"<!-- settings: {name} -->" in pages["training.md"]
+    assert "<!-- settings: EvalSettings -->" in pages["evaluation.md"]
+    for name, text in pages.items():
+        assert render_readme(text) == text, f"{name}: run python -m abmll_tune.settings_tables"
 
 
 def test_a_drifted_table_is_detected():
-    text = README.read_text().replace("| `beta` | 5e-10 |", "| `beta` | 1e-3 |")
-    assert render_readme(text) != text
+    text = TRAINING.read_text()
+    drifted = text.replace("| `beta` | 5e-10 |", "| `beta` | 1e-3 |")
+    assert drifted != text and render_readme(drifted) != drifted
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def test_bf16_trains_with_finite_losses_near_fp32(plain, embedded_overrides, tmp
     # bf16 keeps 8 bits of mantissa (relative rounding 4e-3 per operation), amplified by
     # Adam's steps from visit to visit. Measured |bf16 - fp32| per visit (losses ~6.6):
     # torch 2.13 (this CPU) 0.017, 0.051, 0.079; torch 2.11 (the lent H100 machine's CPU,
-    # bench/run_on_device.sh, 2026-12-05) 0.030, 0.075, 0.154. The first visit is one
+    # bench/device/run_on_device.sh, 2026-12-05) 0.030, 0.075, 0.154. The first visit is one
     # visit's rounding; later ones hold Adam's amplification, which differs between torch
     # versions' bf16 kernels, hence the wider bound
     diffs = [abs(a - b) for a, b in zip(nll, ref_nll, strict=True)]

@@ -1,6 +1,6 @@
 """Task-grouped multiple-choice data: records, prompts, splits, sources, building, loading.
 
-See ``docs/data.md`` and the README's "Data" section. The command line is
+See ``docs/data.md`` and ``docs/data-preparation.md``. The command line is
 ``python -m abmll_tune.data {build,embedded,convert-legalbench,convert-chembench,splits}``.
 """
 

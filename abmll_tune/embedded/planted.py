@@ -566,7 +566,7 @@ def read_family(directory: str | Path) -> dict:
 
 
 def results_tables(summary: dict) -> str:
-    """The README's tables of the planted benchmark, from its committed summary
+    """The tables of the planted benchmark (docs/benchmarks.md), from its committed summary
     (``docs/results/planted.json``, written by ``bench/bench_planted.py --results``)."""
 
     def pm(pair) -> str:

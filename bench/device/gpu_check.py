@@ -1,8 +1,8 @@
 """The project's GPU check: one command, prepared to run unchanged the first time a GPU is lent.
 
-    bash bench/run_on_device.sh                 (on a lent GPU machine: installs the kit, runs this)
-    python bench/gpu_check.py --out bench_results/gpu_check.json          (or: make gpu-check)
-    python bench/gpu_check.py --cpu-smoke --out /tmp/gpu_check.json        (tiny, CPU; in the tests)
+    bash bench/device/run_on_device.sh                 (on a lent GPU machine: installs the kit, runs this)
+    python bench/device/gpu_check.py --out bench_results/gpu_check.json          (or: make gpu-check)
+    python bench/device/gpu_check.py --cpu-smoke --out /tmp/gpu_check.json        (tiny, CPU; in the tests)
 
 Four parts, within one budget (``--budget-s``, default 480 s = 8 of a lent machine's 10
 minutes a command), each written to the JSON as it finishes (a part's error is recorded
@@ -53,7 +53,7 @@ import torch
 
 from abmll_tune.embedded.backbone import TINY_LLAMA3
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TARGETS = ["q_proj", "v_proj", "output_proj"]
 LLAMA3_8B = dict(
     vocab_size=128_256,

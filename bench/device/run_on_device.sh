@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# The one command sent to a lent GPU machine (README "GPU check"), with the kit carried:
+# The one command sent to a lent GPU machine (docs/gpu.md), with the kit carried:
 #
 #   make device-kit                       # here, once: .whl/ (about 9 MiB)
-#   device run, carry [".whl"]:  bash bench/run_on_device.sh
+#   device run, carry [".whl"]:  bash bench/device/run_on_device.sh
 #
 # Installs the kit with `pip install --no-index --no-deps --target` (the machine is offline),
 # runs the image's own python3 and torch with only the kit on PYTHONPATH (no venv, the
 # checkout's abmll_tune kept off the path: the check runs the installed package), prints
-# the versions it found, runs bench/gpu_check.py within --budget-s seconds (default 480:
+# the versions it found, runs bench/device/gpu_check.py within --budget-s seconds (default 480:
 # 8 of the call's 10 minutes) and, beside it, the bf16 training test on the machine's CPU
 # (torch there is not the one pinned here). JSON and logs go to $OUT when it is set
 # (bench_results/device otherwise).
 #
-#   bash bench/run_on_device.sh --cpu-smoke --kit DIR --python PY   # the rehearsal here
+#   bash bench/device/run_on_device.sh --cpu-smoke --kit DIR --python PY   # the rehearsal here
 #                                                                   # (make device-rehearsal)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 REPO=$(pwd)
 
 budget_s=480
@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     --python) python=$2; shift ;;
     --no-bf16-test) bf16_test=0 ;;
     *)
-        echo "usage: bash bench/run_on_device.sh [--cpu-smoke] [--budget-s S] [--kit DIR] [--python PY] [--no-bf16-test]" >&2
+        echo "usage: bash bench/device/run_on_device.sh [--cpu-smoke] [--budget-s S] [--kit DIR] [--python PY] [--no-bf16-test]" >&2
         exit 2
         ;;
     esac
@@ -94,7 +94,7 @@ fi
 say "gpu_check, budget ${budget_s} s"
 # the check stops itself at its budget; the timeout is the guard (SIGTERM: the JSON keeps
 # the parts that finished; SIGKILL 20 s later if it does not end)
-timeout -k 20 $((budget_s + 60)) "$python" bench/gpu_check.py "${smoke[@]}" \
+timeout -k 20 $((budget_s + 60)) "$python" bench/device/gpu_check.py "${smoke[@]}" \
     --budget-s "$budget_s" --out "$out/gpu_check.json"
 status=$?
 if [ -n "$bf16_pid" ]; then
