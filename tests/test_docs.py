@@ -2,7 +2,6 @@
 README stays short enough to read."""
 
 import re
-from pathlib import Path
 
 import pytest
 from helpers import REPO

@@ -10,9 +10,7 @@ from abmll_tune.evaluation import EvalSettings
 from abmll_tune.methods import ABMLL
 from abmll_tune.modules import gaussian
 from abmll_tune.settings import check_settings, setting
-from abmll_tune.settings_tables import render_readme
-
-from abmll_tune.settings_tables import generated_pages
+from abmll_tune.settings_tables import generated_pages, render_readme
 
 TRAINING = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
