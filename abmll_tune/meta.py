@@ -38,6 +38,12 @@ from abmll_tune.modules import (
 Optimizer = torch.optim.Optimizer
 
 
+def _remember_base_lrs(optimizer: Optimizer) -> None:
+    """Keep each group's configured rate, which ``lr_scale`` multiplies."""
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+
+
 class MetaLearner:
     """Runs one task visit at a time for any :class:`abmll_tune.methods.Method`.
 
@@ -53,6 +59,12 @@ class MetaLearner:
         reduce_mean: averages a list of tensors in place over the processes of a
             task-parallel job (:func:`abmll_tune.distributed.all_reduce_mean_`); None on
             one device.
+        clip_grad_norm: torchtune's key: the total gradient norm of every inner and outer
+            optimizer step is clipped to it (after the method's own clipping); None: off.
+
+    ``lr_scale`` (1.0; the recipe sets it per visit from its ``lr_scheduler``) multiplies
+    every learning rate and outer step size of the next visit: the inner and outer
+    optimizers' rates and the interpolation steps, so one schedule serves every method.
     """
 
     def __init__(
@@ -66,6 +78,7 @@ class MetaLearner:
         gradient_accumulation_steps: int = 1,
         loss_fn: nn.Module | None = None,
         reduce_mean: Callable[[list[torch.Tensor]], None] | None = None,
+        clip_grad_norm: float | None = None,
     ):
         if inner_steps < 1 or gradient_accumulation_steps < 1:
             raise ValueError("inner_steps and gradient_accumulation_steps must be >= 1")
@@ -87,6 +100,8 @@ class MetaLearner:
             gradient_accumulation_steps,
         )
         self.reduce_mean = reduce_mean
+        self.clip_grad_norm = clip_grad_norm
+        self.lr_scale = 1.0
         self.visit_batches: list[dict] = []
         self._make_inner = make_inner_optimizer
         self.scope = method.trained_scope
@@ -98,6 +113,7 @@ class MetaLearner:
                     f"method {method.name!r} with these outer settings needs an outer optimizer"
                 )
             self.outer_optimizer = make_outer_optimizer(method.outer_param_groups(model))
+            _remember_base_lrs(self.outer_optimizer)
         # (global, local) parameter pairs, for interpolation and first-order gradients
         global_params = adapter_params_by_group(model, "global")
         local_params = adapter_params_by_group(model, "local")
@@ -116,7 +132,19 @@ class MetaLearner:
         return steps * self.gradient_accumulation_steps
 
     def _new_inner_optimizer(self) -> Optimizer:
-        return self._make_inner(self.method.inner_param_groups(self.model))
+        optimizer = self._make_inner(self.method.inner_param_groups(self.model))
+        _remember_base_lrs(optimizer)
+        return optimizer
+
+    def _apply_lr_scale(self, optimizer: Optimizer | None) -> None:
+        for group in optimizer.param_groups if optimizer is not None else ():
+            group["lr"] = group["base_lr"] * self.lr_scale
+
+    def _clip(self, scope: str) -> None:
+        self.method.clip_grads(self.model, scope)
+        if self.clip_grad_norm is not None:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
 
     # ------------------------------------------------------------------ one task
 
@@ -125,6 +153,7 @@ class MetaLearner:
         self.method.begin_task(self.model)
         if self.method.reset_inner_optimizer:
             self.inner_optimizer = self._new_inner_optimizer()
+        self._apply_lr_scale(self.inner_optimizer)
 
     def inner_step(self, batches: list[dict]) -> dict[str, float]:
         """One optimizer step of the inner loop on ``batches`` (gradient accumulation)."""
@@ -141,7 +170,7 @@ class MetaLearner:
             metrics.update(extra)
         if trained:
             check_finite_grads(self.model, "inner step")
-            self.method.clip_grads(self.model, self.scope)
+            self._clip(self.scope)
             self.inner_optimizer.step()
             self.inner_optimizer.zero_grad(set_to_none=True)
         return metrics
@@ -159,7 +188,7 @@ class MetaLearner:
         if self.reduce_mean is not None:
             self.reduce_mean(deltas)  # the mean delta over the ranks' tasks
         for (theta, _, kind), delta in zip(chosen, deltas, strict=True):
-            theta.add_(delta, alpha=eps_mean if kind == "mean" else eps_std)
+            theta.add_(delta, alpha=(eps_mean if kind == "mean" else eps_std) * self.lr_scale)
 
     def outer_optimizer_step(self) -> None:
         """One outer optimizer step on the global pairs' gradients (averaged over the
@@ -167,7 +196,8 @@ class MetaLearner:
         if self.reduce_mean is not None:
             self.reduce_mean([theta.grad for theta, _ in self.pairs if theta.grad is not None])
         check_finite_grads(self.model, "outer step")
-        self.method.clip_grads(self.model, "global")
+        self._clip("global")
+        self._apply_lr_scale(self.outer_optimizer)
         self.outer_optimizer.step()
         self.outer_optimizer.zero_grad(set_to_none=True)
 

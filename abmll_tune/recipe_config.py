@@ -36,6 +36,35 @@ class RecipeConfigError(ValueError):
         super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+# torchtune recipe keys these recipes read only at one value, and why
+TORCHTUNE_FIXED_VALUES = (
+    ("shuffle", True, "task visits are always drawn in a seeded shuffle"),
+    (
+        "save_adapter_weights_only",
+        True,
+        "checkpoints hold the adapters and a PEFT adapter, never a merged model; merge "
+        "with PEFT's merge_and_unload if you need one",
+    ),
+    (
+        "enable_activation_offloading",
+        False,
+        "not supported by the meta-training recipes (enable_activation_checkpointing is)",
+    ),
+)
+
+# torchtune recipe keys that do not fit meta-training, and what to use instead
+TORCHTUNE_REFUSED = {
+    "optimizer": "meta-learning has two optimizers: set inner_optimizer (each task's "
+    "steps) and outer_optimizer (the global update); learning rates are the method's",
+    "dataset": "the recipes read task-grouped data: set data (abmll_tune.data.task_data, "
+    "built by python -m abmll_tune.data)",
+    "optimizer_in_bwd": "not supported: every inner step needs the whole gradient (the "
+    "method clips and checks it first)",
+    "custom_sharded_layers": "not supported; recipes/abmll_meta_distributed shards every "
+    "decoder layer (shard_base)",
+}
+
+
 @dataclass(frozen=True)
 class RecipeSettings:
     """The plain (non-component) keys of the meta-training recipes."""
@@ -84,6 +113,34 @@ class RecipeSettings:
         minimum=1,
     )
     enable_activation_checkpointing: bool = setting(False, doc="recompute layers in backward")
+    # torchtune's standard recipe keys, as meta-training reads them
+    clip_grad_norm: float | None = setting(
+        None,
+        doc="(torchtune's) clip the total gradient norm of every inner and outer optimizer "
+        "step to this, after the method's own clipping; null: off",
+        minimum=0,
+    )
+    max_steps_per_epoch: int | None = setting(
+        None,
+        doc="(torchtune's) end an epoch after this many gradient steps, in whole visits "
+        "(at least one); null: the whole epoch",
+        minimum=1,
+    )
+    log_every_n_steps: int | None = setting(
+        None,
+        doc="(torchtune's) log every visit in which the gradient steps pass a multiple of "
+        "this; null: `log_every_n_visits` decides",
+        minimum=1,
+    )
+    shuffle: bool = setting(
+        True, doc="(torchtune's) tasks and examples are always shuffled, seeded by `seed`"
+    )
+    save_adapter_weights_only: bool = setting(
+        True, doc="(torchtune's) checkpoints hold the adapters (and a PEFT adapter) only"
+    )
+    enable_activation_offloading: bool = setting(
+        False, doc="(torchtune's) not supported by these recipes: must be false"
+    )
     compile: bool = setting(False, doc="torch.compile the model (torchtune's compile_model)")
     log_every_n_visits: int = setting(1, doc="metric logging interval", minimum=1)
     diagnostics_every_n_visits: int | None = setting(
@@ -113,6 +170,9 @@ class RecipeSettings:
 
     def __post_init__(self):
         check_visits_per_epoch(self.visits_per_epoch)
+        for key, wanted, why in TORCHTUNE_FIXED_VALUES:
+            if getattr(self, key) != wanted:
+                raise ValueError(f"{key}: must be {str(wanted).lower()}: {why}")
         if self.resume_from_checkpoint and self.overwrite_output_dir:
             raise ValueError(
                 "resume_from_checkpoint and overwrite_output_dir: a run either continues the "
@@ -152,6 +212,8 @@ COMPONENTS = {
     "outer_optimizer": False,
     "loss": False,
     "metric_logger": False,
+    "lr_scheduler": False,  # torchtune's, over task visits (docs/training.md)
+    "profiler": False,  # torchtune's setup_torch_profiler
 }
 EVAL_COMPONENTS = {"model": False, "tokenizer": True, "checkpointer": True, "data": True}
 # Settings that must not change when resuming (bitwise-exact continuation); the method
@@ -174,6 +236,7 @@ PASSED_BY_RECIPE = {
     "data": {"tokenizer"},
     "inner_optimizer": {"params"},
     "outer_optimizer": {"params"},
+    "lr_scheduler": {"optimizer", "num_training_steps", "last_epoch"},
 }
 # Path arguments of the checkpointer and tokenizer that must exist before anything is built.
 _FILE_ARGS = ("path", "merges_file", "special_tokens_path", "tokenizer_json_path")
@@ -302,6 +365,22 @@ def _unknown_key_hints(problems: list[str], method_cls: type[Method] | None) -> 
     return out
 
 
+def _torchtune_hints(problems: list[str]) -> list[str]:
+    """Say why a torchtune key that does not fit meta-training is refused."""
+    out = []
+    for problem in problems:
+        key = problem.split(":", 1)[0]
+        if "unknown key" in problem and key in TORCHTUNE_REFUSED:
+            problem = f"{key}: torchtune's key does not apply here: {TORCHTUNE_REFUSED[key]}"
+        elif key == "seed" and problem.endswith("NoneType None"):
+            problem = (
+                "seed: null (torchtune: a random seed) is not supported: a run resumes exactly "
+                "and validates reproducibly only from a fixed seed; set an integer"
+            )
+        out.append(problem)
+    return out
+
+
 def check_recipe_config(cfg: DictConfig) -> tuple[RecipeSettings, Method]:
     """Validate a meta-training config; return its settings (defaults filled in) and
     its method."""
@@ -323,7 +402,7 @@ def check_recipe_config(cfg: DictConfig) -> tuple[RecipeSettings, Method]:
         _split_sections(cfg, COMPONENTS, exclude=("method",)),
         ignore=(*COMPONENTS, "method"),
     )
-    problems += _unknown_key_hints(settings_problems, method_cls)
+    problems += _torchtune_hints(_unknown_key_hints(settings_problems, method_cls))
     problems += check_component_sections(cfg, COMPONENTS)
     if not problems:
         problems += _combination_problems(cfg, settings, method)

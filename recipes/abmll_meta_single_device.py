@@ -39,7 +39,7 @@ from abmll_tune.checkpointing import (
     rng_state,
     save_training_checkpoint,
 )
-from abmll_tune.data.loader import MetaTaskSampler, PooledBatchSampler, PooledVisits
+from abmll_tune.data.loader import EpochCap, MetaTaskSampler, PooledBatchSampler, PooledVisits
 from abmll_tune.data.records import DataError
 from abmll_tune.distributed import all_gather_objects, gather_task_records
 from abmll_tune.evaluation import evaluate_tasks
@@ -152,8 +152,16 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             gradient_accumulation_steps=self._settings.gradient_accumulation_steps,
             loss_fn=self._loss_fn,
             reduce_mean=self._reduce_mean(),
+            clip_grad_norm=self._settings.clip_grad_norm,
         )
         self._sampler = self._setup_sampler(cfg)
+        steps_per_visit = self._method.steps_per_visit(self._settings.inner_steps)
+        if self._settings.max_steps_per_epoch is not None:  # torchtune's key, in whole visits
+            cap = max(self._settings.max_steps_per_epoch // steps_per_visit, 1)
+            self._sampler = EpochCap(self._sampler, cap)
+            utils.log_rank_zero(
+                log, f"max_steps_per_epoch: epochs of at most {len(self._sampler)} visits"
+            )
         self._pending_epoch_end = None
         if self._is_rank_zero:
             for line in self._recover_checkpoints():
@@ -161,6 +169,8 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         all_gather_objects(None)  # every rank resumes only once rank 0 has recovered
         if self._settings.resume_from_checkpoint:
             self._resume(cfg)
+        self._lr_schedule = self._setup_lr_schedule(cfg)
+        self._profiler = config.instantiate(cfg.profiler)[0] if cfg.get("profiler") else None
         # Every check has passed: only now is anything written (a failing start, or a
         # failing resume, leaves the output directory as it was).
         if self._is_rank_zero:
@@ -171,6 +181,25 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                 else training.metric_logging.DiskLogger(log_dir=str(self._output_dir / "logs"))
             )
             self._metric_logger.log_config(cfg)
+
+    def _setup_lr_schedule(self, cfg: DictConfig):
+        """torchtune's ``lr_scheduler`` component over task visits (outer steps), or None.
+
+        It runs on a stand-in optimizer of rate 1, so its rate is the factor
+        (:attr:`MetaLearner.lr_scale`) applied to every learning rate and outer step size
+        of the next visit; resumed at the visits done, as torchtune's recipes resume it.
+        """
+        if cfg.get("lr_scheduler") is None:
+            return None
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        stand_in.param_groups[0]["initial_lr"] = 1.0
+        scheduler = config.instantiate(
+            cfg.lr_scheduler,
+            optimizer=stand_in,
+            num_training_steps=self._epochs * len(self._sampler),
+            last_epoch=self._visits_done - 1,
+        )
+        return scheduler, stand_in
 
     def _recover_checkpoints(self) -> list[str]:
         """Finish a checkpoint replacement cut short by a kill, remove stale temporaries."""
@@ -400,6 +429,16 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         return row
 
     def train(self) -> None:
+        """Meta-train (under torchtune's profiler when the config has one)."""
+        if self._profiler is not None:
+            self._profiler.start()
+        try:
+            self._train()
+        finally:
+            if self._profiler is not None:
+                self._profiler.stop()
+
+    def _train(self) -> None:
         s = self._settings
         stop_after = s.stop_after_visits
         if not self._validation_history and self._start_epoch == 0 and self._start_position == 0:
@@ -421,15 +460,21 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             for visit in self._sampler.visits(epoch, start):
                 every_diag = s.diagnostics_every_n_visits  # the same visits on every rank
                 diagnose = bool(every_diag) and self._visits_done % every_diag == 0
+                if self._lr_schedule is not None:
+                    self._learner.lr_scale = self._lr_schedule[1].param_groups[0]["lr"]
                 metrics = self._learner.train_task(visit, diagnose=diagnose)
+                if self._lr_schedule is not None:
+                    metrics["lr_scale"] = self._learner.lr_scale
+                    self._lr_schedule[1].step()  # the stand-in has no gradients: a no-op
+                    self._lr_schedule[0].step()
+                if self._profiler is not None:
+                    self._profiler.step()
                 busy_seconds, visits = busy_seconds + metrics["seconds"], visits + 1
                 self._visits_done += 1
                 self._record_visit(visit)
                 progress.update(1)
                 progress.set_postfix(nll=f"{metrics['nll']:.3f}")
-                if self._is_rank_zero and (
-                    diagnose or self._visits_done % s.log_every_n_visits == 0
-                ):
+                if self._is_rank_zero and (diagnose or self._log_due()):
                     self._log(visit, metrics)
                 every = s.save_every_n_visits
                 if (every and self._visits_done % every == 0) or self._visits_done == stop_after:
@@ -474,6 +519,16 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                     f"{s.early_stopping_patience} validations (early_stopping_patience)",
                 )
                 return
+
+    def _log_due(self) -> bool:
+        """Log this visit? Every ``log_every_n_visits``, or with torchtune's
+        ``log_every_n_steps``, every visit whose gradient steps pass a multiple of it."""
+        s = self._settings
+        if s.log_every_n_steps is None:
+            return self._visits_done % s.log_every_n_visits == 0
+        per_visit = self._method.steps_per_visit(s.inner_steps)
+        after, before = self._visits_done * per_visit, (self._visits_done - 1) * per_visit
+        return after // s.log_every_n_steps > before // s.log_every_n_steps
 
     def _validation_stalled(self) -> bool:
         """True when the last ``early_stopping_patience`` validations all failed to beat the

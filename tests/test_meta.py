@@ -316,3 +316,47 @@ def test_exported_peft_adapter_loads_into_torchtunes_lora_model_with_the_same_lo
     merged = llama3(**ARCH)
     merged.load_state_dict(convert_weights.hf_to_tune(hf, num_heads=4, num_kv_heads=2, dim=64))
     torch.testing.assert_close(merged(tokens), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lr_scale_multiplies_inner_rates_and_outer_steps(tasks):
+    # Reptile, one plain SGD step: phi - theta = -s lr g and theta moves by s eps (phi -
+    # theta), so a schedule factor s scales the local move by s and the global one by s^2
+    visit = first_visit(tasks, 1)
+    moves = {}
+    for scale in (1.0, 0.5):
+        model = make_model(False)
+        theta0 = params(model, "global")
+        learner = MetaLearner(model, Reptile(inner_lr_mean=0.05, outer_step_mean=0.25), sgd(0.05),
+                              inner_steps=1)  # fmt: skip
+        learner.lr_scale = scale
+        learner.train_task(visit)
+        local = params(model, "local")
+        moves[scale] = (
+            {n: local[n.replace(".lora_global_", ".lora_local_")] - t for n, t in theta0.items()},
+            {n: p - theta0[n] for n, p in params(model, "global").items()},
+        )
+    for name in moves[1.0][0]:
+        torch.testing.assert_close(
+            moves[0.5][0][name], 0.5 * moves[1.0][0][name], rtol=1e-4, atol=4e-9
+        )
+        torch.testing.assert_close(
+            moves[0.5][1][name], 0.25 * moves[1.0][1][name], rtol=1e-4, atol=4e-9
+        )
+
+
+def test_clip_grad_norm_bounds_the_total_norm_of_an_inner_step(tasks):
+    # SGD at lr 1: the local move is minus the clipped gradient, whose total norm is c
+    visit = first_visit(tasks, 1)
+    model = make_model(False)
+    theta0 = params(model, "global")
+    learner = MetaLearner(model, Reptile(inner_lr_mean=1.0, outer_step_mean=0.0), sgd(1.0),
+                          inner_steps=1, clip_grad_norm=1e-3)  # fmt: skip
+    learner.train_task(visit)
+    local = params(model, "local")
+    moved = torch.cat(
+        [
+            (local[n.replace(".lora_global_", ".lora_local_")] - t).flatten()
+            for n, t in theta0.items()
+        ]
+    )
+    torch.testing.assert_close(moved.norm(), torch.tensor(1e-3), rtol=1e-4, atol=0)

@@ -561,3 +561,33 @@ class PooledVisits:
         if state.get("batches_per_visit") != self.batches_per_visit:
             raise ValueError("sampler state was saved with another gradient_accumulation_steps")
         self.sampler.load_state_dict(state)
+
+
+class EpochCap:
+    """At most ``max_visits`` visits of every epoch of ``sampler`` (any of the samplers
+    above, or the distributed one): torchtune's ``max_steps_per_epoch``. The state is
+    the wrapped sampler's; an epoch cut at the cap resumes with the next one."""
+
+    def __init__(self, sampler, max_visits: int):
+        if max_visits < 1:
+            raise ValueError(f"max_visits must be >= 1, got {max_visits}")
+        self.sampler, self.max_visits = sampler, max_visits
+
+    def __len__(self) -> int:
+        return min(len(self.sampler), self.max_visits)
+
+    def visits(self, epoch: int, start: int = 0) -> Iterator[TaskVisit]:
+        for i, visit in enumerate(self.sampler.visits(epoch, start), start=start):
+            if i >= len(self):
+                return
+            yield visit
+
+    def resume_point(self) -> tuple[int, int]:
+        epoch, position = self.sampler.resume_point()
+        return (epoch + 1, 0) if position >= len(self) else (epoch, position)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
