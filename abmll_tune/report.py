@@ -307,6 +307,31 @@ def _curve(plt, runs, results, path: Path, xlabel: str, points) -> Path:
     return path
 
 
+def benchmark_table(summary: dict) -> str:
+    """The Markdown table of a committed method-benchmark summary
+    (``bench/bench_methods.py --results``, ``docs/results/methods.json``): every method's
+    default variant, mean +- SE over the training seeds, with where it comes from."""
+    rows = [
+        [
+            name,
+            *(
+                f"{summary['methods'][name][m]['mean']:.3f} +- {summary['methods'][name][m]['se']:.3f}"
+                for m in ("accuracy", "ece", "nll")
+            ),
+        ]
+        for name in summary["methods"]
+        if "[" not in name
+    ]
+    markdown, _ = _table(["method", "accuracy", "ECE", "NLL"], rows)
+    return (
+        markdown
+        + f"\n{summary['seeds']} training seeds (each with its own support seed), 30 held-out "
+        f"test tasks, chance {summary['chance_accuracy']:.3f}; {summary['date']}, commit "
+        f"{(summary.get('commit') or '?')[:7]}, {summary['machine']}: "
+        f"`{summary['command']}`\n"
+    )
+
+
 def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict:
     results, histories = find_runs(paths)
     out = Path(out)

@@ -315,6 +315,26 @@ def test_report_turns_result_files_into_tables_and_figures(tmp_path):
         assert (tmp_path / "report" / name).stat().st_size > 1000
 
 
+def test_report_command_as_documented(tmp_path):
+    # docs/evaluation.md: python -m abmll_tune.report DIR... --out DIR, a subprocess in
+    # another directory without PYTHONPATH; a bad input is one line and status 2
+    import subprocess
+    import sys
+
+    fake_results(tmp_path / "eval" / "a", "abmll", "a")
+    fake_results(tmp_path / "eval" / "b", "reptile", "b")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-m", "abmll_tune.report", "eval", "--out", "report"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| abmll | 0.600 +- 0.100 |" in (tmp_path / "report" / "main.md").read_text()
+    (tmp_path / "empty").mkdir()
+    cmd = [sys.executable, "-m", "abmll_tune.report", "empty", "--out", "report2"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "no results.json or validation.jsonl" in result.stderr
+    assert not (tmp_path / "report2").exists()
+
+
 def test_report_beta_ablation_table(tmp_path):
     for beta in (1.0, 1e-8):
         fake_results(tmp_path / f"beta_{beta:g}", "abmll", f"beta_{beta:g}", beta=beta)
@@ -477,4 +497,28 @@ def test_adaptation_beta_and_optimizer_reach_the_adaptation(data, monkeypatch):
         .make_optimizer()([{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1}])
         .__class__
         is torch.optim.SGD
+    )
+
+
+def test_benchmark_table_renders_a_committed_summary():
+    from abmll_tune.report import benchmark_table
+
+    def metric(mean, se):
+        return {"mean": mean, "se": se}
+
+    summary = {
+        "methods": {
+            "reptile": {"accuracy": metric(0.66, 0.059), "ece": metric(0.2, 0.01),
+                        "nll": metric(0.9, 0.05)},
+            "reptile [s10]": {"accuracy": metric(0.1, 0.1), "ece": metric(0, 0), "nll": metric(0, 0)},
+        },
+        "seeds": 3, "chance_accuracy": 1 / 3, "date": "2026-12-06", "commit": "abcdef123",
+        "machine": "x86_64", "command": "python bench/bench_methods.py",
+    }  # fmt: skip
+    text = benchmark_table(summary)
+    assert "| reptile | 0.660 +- 0.059 | 0.200 +- 0.010 | 0.900 +- 0.050 |" in text
+    assert (
+        "[s10]" not in text
+        and "commit abcdef1" in text
+        and "`python bench/bench_methods.py`" in text
     )
