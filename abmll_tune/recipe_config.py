@@ -74,6 +74,12 @@ class RecipeSettings:
     seed: int = setting(0, doc="seeds adapters, task order and noise")
     device: str = setting("cpu", doc="`cpu`, `cuda`, `cuda:N`")
     dtype: str = setting("fp32", doc="model precision", choices=("fp32", "bf16"))
+    adapter_dtype: str | None = setting(
+        None,
+        doc="adapter weights' storage precision; `fp32` under a bf16 model keeps small "
+        "updates that bf16 rounds away (the 8B/7B configs); null: the model's dtype",
+        choices=("fp32", "bf16"),
+    )
     batch_size: int = setting(2, doc="questions per batch", minimum=1)
     inner_steps: int = setting(5, doc="K: inner steps (batches) per task visit", minimum=1)
     gradient_accumulation_steps: int = setting(1, doc="batches per inner step", minimum=1)
@@ -196,6 +202,12 @@ class EvalRecipeSettings:
     seed: int = setting(0, doc="global seed (each task's RNG is seeded by seed and task)")
     device: str = setting("cpu", doc="`cpu`, `cuda`, `cuda:N`")
     dtype: str = setting("fp32", doc="model precision", choices=("fp32", "bf16"))
+    adapter_dtype: str | None = setting(
+        None,
+        doc="adapter weights' storage precision (as in training: `fp32` under a bf16 "
+        "model); null: the model's dtype",
+        choices=("fp32", "bf16"),
+    )
     collective_timeout_s: float = setting(
         1800, doc="(torchrun) a collective waiting longer than this fails the job", minimum=1
     )

@@ -101,6 +101,7 @@ class MetaLearningRecipeDistributed(MetaLearningRecipeSingleDevice):
             compile=s.compile,
             shard=shard,
             cpu_offload=s.fsdp_cpu_offload,
+            adapter_dtype=self._adapter_dtype(),
         )
         distributed.broadcast_global_adapters_(model)  # and guaranteed equal on every rank
         return model

@@ -218,8 +218,13 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
             seed=self._settings.seed,  # adapters from the seed alone, on every device
             activation_checkpointing=self._settings.enable_activation_checkpointing,
             compile=self._settings.compile,
+            adapter_dtype=self._adapter_dtype(),
         )
         return model
+
+    def _adapter_dtype(self) -> torch.dtype | None:
+        name = self._settings.adapter_dtype
+        return None if name is None else training.get_dtype(name, device=self._device)
 
     def _setup_sampler(self, cfg: DictConfig):
         self._data = config.instantiate(cfg.data, tokenizer=self._tokenizer)

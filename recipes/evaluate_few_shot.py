@@ -116,8 +116,15 @@ class FewShotEvaluationRecipe:
             if model_cfg is None:
                 raise RecipeConfigError(["model: method pretrained needs a model section"])
         # the builder's adapter initialisation (seeded above) is kept: a zero B for pretrained
+        adapter_dtype = self._recipe_settings.adapter_dtype
         self._model, hf_config = build_model(
-            model_cfg, cfg.checkpointer, device=self._device, dtype=self._dtype
+            model_cfg,
+            cfg.checkpointer,
+            device=self._device,
+            dtype=self._dtype,
+            adapter_dtype=None
+            if adapter_dtype is None
+            else training.get_dtype(adapter_dtype, device=self._device),
         )
         if peft:
             load_peft_adapter(self._checkpoint, self._model, hf_config)

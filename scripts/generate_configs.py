@@ -316,6 +316,8 @@ def build(
         "seed": 0,
         "device": "cuda" if paper else "cpu",
         "dtype": "bf16" if paper else "fp32",
+        # bf16 adapters round away most of AdamW's steps at these rates (docs/training.md)
+        **({"adapter_dtype": "fp32"} if paper else {}),
         "model": model,
         "tokenizer": tokenizer,
         "checkpointer": checkpointer,
@@ -403,6 +405,7 @@ def build_eval(name: str, *, paper_model: str | None, split: str) -> str:
         "seed": 0,
         "device": train["device"],
         "dtype": train["dtype"],
+        **({"adapter_dtype": train["adapter_dtype"]} if "adapter_dtype" in train else {}),
         "model": train["model"],  # used by method: pretrained; a checkpoint brings its own
         "tokenizer": train["tokenizer"],
         "checkpointer": train["checkpointer"],

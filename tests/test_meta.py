@@ -360,3 +360,27 @@ def test_clip_grad_norm_bounds_the_total_norm_of_an_inner_step(tasks):
         ]
     )
     torch.testing.assert_close(moved.norm(), torch.tensor(1e-3), rtol=1e-4, atol=0)
+
+
+def test_float32_adapters_under_a_bf16_base_keep_the_small_steps_bf16_rounds_away(tasks):
+    # the 8B configs' outer std rate: 1e-6 against weights of ~0.02 (bf16 spacing ~1e-4)
+    from torchtune import training
+
+    from abmll_tune.modules import keep_adapters_in
+
+    visit = first_visit(tasks, 1)
+    changed = {}
+    for adapter_dtype in (torch.bfloat16, torch.float32):
+        with training.set_default_dtype(torch.bfloat16):
+            model = make_model(False)
+        assert keep_adapters_in(model, adapter_dtype) == (0 if adapter_dtype == torch.bfloat16 else
+                                                          sum(p.numel() for p in params(model, "local").values()) * 2)  # fmt: skip
+        before = params(model, "global")
+        assert {p.dtype for p in before.values()} == {adapter_dtype}
+        assert model.tok_embeddings.weight.dtype == torch.bfloat16  # the base stays bf16
+        method = Reptile(inner_lr_mean=1e-6, outer_step_mean=1.0)
+        MetaLearner(model, method, adamw, inner_steps=1).train_task(visit)
+        after = params(model, "global")
+        moved = sum(int((after[n] != before[n]).sum()) for n in before)
+        changed[adapter_dtype] = moved / sum(p.numel() for p in before.values())
+    assert changed[torch.float32] > 0.9 and changed[torch.bfloat16] < 0.1, changed

@@ -244,3 +244,14 @@ def test_a_resume_within_a_validated_epoch_matches_the_straight_run(overrides, t
     assert rows(resumed) == rows(straight)
     a, b = final_adapters(straight), final_adapters(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bf16_run_keeps_float32_adapters_and_checkpoints_them(overrides, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    code, err = tune_run(
+        "abmll", out, overrides, "dtype=bf16", "adapter_dtype=fp32", "epochs=1",
+        "inner_steps=1", "stop_after_visits=2", "~validation", capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err[-3000:]
+    adapters = final_adapters(out)
+    assert {t.dtype for t in adapters.values()} == {torch.float32}

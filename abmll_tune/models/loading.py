@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from abmll_tune.checkpointing import CheckpointError
-from abmll_tune.modules import variational_lora_layers
+from abmll_tune.modules import keep_adapters_in, variational_lora_layers
 
 ATTENTION_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "output_proj"}
 
@@ -62,6 +62,7 @@ def build_model(
     compile: bool = False,
     shard: Callable[[nn.Module], None] | None = None,
     cpu_offload: bool = False,
+    adapter_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, dict]:
     """The config's model with the checkpoint's base weights; returns ``(model, hf_config)``.
 
@@ -71,6 +72,8 @@ def build_model(
     whole base on its device (``abmll_tune.distributed.shard_frozen_base``). A
     checkpoint that does not fit the model raises :class:`CheckpointError` naming the
     checkpoint directory; missing or unexpected base keys fail torchtune's own check.
+    ``adapter_dtype``: store the adapter weights in it (float32 under a bf16 base,
+    :func:`abmll_tune.modules.keep_adapters_in`); None: the model's dtype.
     """
     from torchtune import config, modules, training
 
@@ -122,6 +125,8 @@ def build_model(
             model, base_state, device, strict=False, cpu_offload=cpu_offload
         )
         _validate_base_keys(model, missing, unexpected)
+    if adapter_dtype is not None:
+        keep_adapters_in(model, adapter_dtype)
     if compile:
         # the base is frozen: its variance (the prior's pretrained scale) is read once here,
         # not in the compiled forward, where the float() would break the graph every call

@@ -355,10 +355,12 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             return out
         mode = self._mode
         x_adapter = self.dropout(x)
-        a_mu, b_mu = self.pair(mode.scope, "mean")
+        # adapters kept in float32 under a bf16 base (keep_adapters_in) compute in the
+        # activations' dtype; the cast's gradient reaches the float32 weights
+        a_mu, b_mu = (w.to(x.dtype) for w in self.pair(mode.scope, "mean"))
         out = out + self.scale * F.linear(F.linear(x_adapter, a_mu), b_mu)
         if mode.sample and self.variational and self.sampling != "mean":
-            a_sd, b_sd = self.pair(mode.scope, "std")
+            a_sd, b_sd = (w.to(x.dtype) for w in self.pair(mode.scope, "std"))
             noise_fn = (
                 gaussian.local_reparam_noise
                 if self.sampling == "local"
@@ -532,6 +534,22 @@ def _layers_or_raise(model: nn.Module) -> dict[str, VariationalLoRALinear]:
             "the model has no VariationalLoRALinear layers (was it built by abmll_tune?)"
         )
     return layers
+
+
+def keep_adapters_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every adapter weight in ``dtype`` (float32 under a bf16 base: a bf16 weight
+    of 0.02 moves only in steps of ~1e-4, so AdamW's steps at the 8B configs' learning
+    rates, 1e-6 to 5e-5, would leave most entries unchanged). The forward computes in the
+    activations' dtype. Returns the number of weights converted; call it before the
+    optimizers are built."""
+    converted = 0
+    for layer in variational_lora_layers(model).values():
+        for name in layer.adapter_params():
+            weight = layer.get_parameter(name)
+            if weight.dtype != dtype:
+                weight.data = weight.data.to(dtype)
+                converted += weight.numel()
+    return converted
 
 
 def set_adapter_mode(model: nn.Module, mode: str | AdapterMode) -> None:
