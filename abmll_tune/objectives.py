@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-from abmll_tune.modules import kl_local_global, neg_log_prior_global
+from abmll_tune.modules import kl_local_global, neg_log_prior_global, variational_lora_layers
 
 
 def shifted_labels(labels: Tensor) -> Tensor:
@@ -65,8 +65,14 @@ def on_model_device(model: nn.Module, batch: dict) -> dict:
     Batches are collated on the CPU (the data loaders know nothing of the device); every
     objective that runs the model on a batch moves it here, so training, validation and
     evaluation run wherever the recipe put the model. Tensors already there are not copied.
+    The adapters' device is the compute device: a base FSDP2 offloads to the CPU
+    (``fsdp_cpu_offload``) still computes on the GPU, where the adapters stay.
     """
-    device = next(model.parameters()).device
+    layer = next(iter(variational_lora_layers(model).values()), None)
+    if layer is not None:
+        device = layer.get_parameter(layer.adapter_params()[0]).device
+    else:
+        device = next(model.parameters()).device
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 

@@ -350,3 +350,15 @@ def test_evaluation_spreads_tasks_over_two_processes_with_the_same_results(
     p1 = (tmp_path / "eval1" / "predictions.jsonl").read_text()
     assert p1.count("\n") > 0
     assert (tmp_path / "eval2" / "predictions.jsonl").read_text() == p1
+
+
+def test_a_sharded_base_builds_and_trains_under_compile(embedded_overrides, tmp_path):
+    # shard_base with compile re-read W0's variance from the DTensor shards (an
+    # AssertionError at build); one process on gloo, compile traced with aot_eager
+    env = {**ENV, "TORCH_COMPILE_BACKEND": "aot_eager"}
+    cmd = [TUNE, "run", "--nproc_per_node", "1", "--standalone", "recipes/abmll_meta_distributed",
+           "--config", CONFIG["abmll"], f"output_dir={tmp_path / 'out'}", *embedded_overrides, *QUICK,
+           "shard_base=true", "compile=true", "stop_after_visits=1"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "checkpoints" / "latest" / "adapters.safetensors").is_file()

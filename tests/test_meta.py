@@ -384,3 +384,15 @@ def test_float32_adapters_under_a_bf16_base_keep_the_small_steps_bf16_rounds_awa
         moved = sum(int((after[n] != before[n]).sum()) for n in before)
         changed[adapter_dtype] = moved / sum(p.numel() for p in before.values())
     assert changed[torch.float32] > 0.9 and changed[torch.bfloat16] < 0.1, changed
+
+
+def test_batches_go_to_the_adapters_device_not_an_offloaded_bases(tasks):
+    # fsdp_cpu_offload keeps the base's shards on the CPU while the adapters (and the
+    # compute) are on the GPU: stand in for it with the embedding on the meta device
+    from abmll_tune.objectives import on_model_device
+
+    model = make_model(False)
+    model.tok_embeddings.to("meta")
+    assert next(model.parameters()).device.type == "meta"
+    batch = on_model_device(model, first_visit(tasks, 1).batches[0])
+    assert {v.device.type for v in batch.values() if isinstance(v, torch.Tensor)} == {"cpu"}

@@ -131,6 +131,7 @@ def build_model(
         # the base is frozen: its variance (the prior's pretrained scale) is read once here,
         # not in the compiled forward, where the float() would break the graph every call
         for layer in variational_lora_layers(model).values():
-            layer.pin_pretrained_weight_variance()
+            if not layer.weight_variance_pinned:  # a sharded build pinned it from the checkpoint
+                layer.pin_pretrained_weight_variance()
         training.compile_model(model)
     return model, hf_config

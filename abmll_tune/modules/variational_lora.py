@@ -450,6 +450,11 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         )
         return self._weight_var_pinned
 
+    @property
+    def weight_variance_pinned(self) -> bool:
+        """Whether W0's variance is fixed (:meth:`pin_pretrained_weight_variance`)."""
+        return self._weight_var_pinned is not None
+
     def pretrained_weight_variance(self) -> float:
         """Population variance of the frozen W0 (float64, row-chunked, cached per weight version)."""
         if self._weight_var_pinned is not None:
