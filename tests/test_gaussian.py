@@ -181,6 +181,19 @@ def test_non_finite_term_names_term_and_layer():
         )
 
 
+def test_a_non_finite_chunk_is_named_by_its_rows_after_one_check():
+    # rows 6..7 of a 10-row layer overflow, chunks of 2 rows: the error names the chunk
+    # that holds them, though finiteness is checked once per term (the compiled kernel
+    # shares the check)
+    a, b = rand_pair(2, 3, 10)
+    b_huge = b.clone()
+    b_huge[6:8] *= 1e4
+    ok = rand_pair(2, 3, 10)
+    with pytest.raises(FloatingPointError, match=r"kl of layer 'L' is not finite .* rows 6:8"):
+        kl_diag_gaussians(ok, (a, b_huge), ok, ok, scale=SCALE, floor=FLOOR, std_param="exp",
+                          layer="L", chunk_rows=2, kernel="eager")  # fmt: skip
+
+
 @pytest.mark.parametrize("std_param", STD_PARAMS)
 @pytest.mark.parametrize("shape", [(6, 6), (5, 9)])
 def test_lowrank_variance_equals_dense(std_param, shape):

@@ -404,13 +404,19 @@ class ChunkedTerm:
     fused_fn: Callable[..., tuple[Tensor, list]] | None = None
 
 
-def _check_finite_part(term: ChunkedTerm, part: Tensor, rows: slice) -> None:
-    if not torch.isfinite(part):
-        raise FloatingPointError(
-            f"{term.name} of layer {term.layer!r} is not finite ({part.item()}) "
-            f"in rows {rows.start}:{rows.stop}. Check sigma_floor, the std "
-            "learning rate and std_grad_clamp; NaNs are never zeroed silently."
-        )
+def _check_finite_parts(
+    term: ChunkedTerm, total: Tensor, parts: list[tuple[Tensor, slice]]
+) -> None:
+    """One host sync per term (not one per chunk, which binds a GPU to its launches);
+    on failure, name the first chunk that is not finite."""
+    if bool(torch.isfinite(total)):
+        return
+    part, rows = next(((p, r) for p, r in parts if not bool(torch.isfinite(p))), parts[-1])
+    raise FloatingPointError(
+        f"{term.name} of layer {term.layer!r} is not finite ({part.item()}) "
+        f"in rows {rows.start}:{rows.stop}. Check sigma_floor, the std "
+        "learning rate and std_grad_clamp; NaNs are never zeroed silently."
+    )
 
 
 def _eager_chunks(term: ChunkedTerm, cats, need_prod, grad_a, grad_b) -> Tensor:
@@ -419,6 +425,7 @@ def _eager_chunks(term: ChunkedTerm, cats, need_prod, grad_a, grad_b) -> Tensor:
     in_dim = a0.shape[1]
     buffers: list[Tensor] = []  # chunk-shaped scratch, reused by every chunk
     total = torch.zeros((), dtype=torch.float64, device=a0.device)
+    parts: list[tuple[Tensor, slice]] = []
     for start in range(0, term.out_dim, term.chunk_rows):
         rows = slice(start, min(start + term.chunk_rows, term.out_dim))
         n_rows = rows.stop - rows.start
@@ -430,13 +437,14 @@ def _eager_chunks(term: ChunkedTerm, cats, need_prod, grad_a, grad_b) -> Tensor:
 
         dense = [torch.mm(b[rows], a, out=scratch(k)) for k, (a, b) in enumerate(cats)]
         part, dense_grads = term.fn(dense, need_prod, start, scratch)
-        _check_finite_part(term, part, rows)
+        parts.append((part.detach(), rows))
         total += part
         for k, g in enumerate(dense_grads):
             if need_prod[k]:
                 a, b = cats[k]
                 torch.mm(g, a.transpose(0, 1), out=grad_b[k][rows])  # s G A^T
                 grad_a[k].addmm_(b[rows].transpose(0, 1), g)  # B^T G (times s below)
+    _check_finite_parts(term, total, parts)
     return total
 
 
@@ -449,16 +457,18 @@ FUSED_CHUNK_FACTOR = 4
 def _fused_chunks(term: ChunkedTerm, cats, need_prod, grad_a, grad_b) -> Tensor:
     """term.fused_fn (one compiled kernel per chunk: products, value, folds)."""
     total = torch.zeros((), dtype=torch.float64, device=cats[0][0].device)
+    parts: list[tuple[Tensor, slice]] = []
     step = term.chunk_rows * FUSED_CHUNK_FACTOR
     for start in range(0, term.out_dim, step):
         rows = slice(start, min(start + step, term.out_dim))
         part, folds = term.fused_fn([b[rows] for _, b in cats], [a for a, _ in cats], need_prod)
-        _check_finite_part(term, part, rows)
+        parts.append((part.detach(), rows))
         total += part
         for k, (fold_b, fold_a) in enumerate(folds):
             if need_prod[k]:
                 grad_b[k][rows] = fold_b
                 grad_a[k] += fold_a
+    _check_finite_parts(term, total, parts)
     return total
 
 
