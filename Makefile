@@ -65,7 +65,7 @@ gpu-check: install
 # Python 3.12, and this project's wheel, in .whl/ (ignored); carried with the tree there,
 # where `bash bench/device/run_on_device.sh` installs it and runs the check.
 device-kit: install
-	$(BIN)/python scripts/device_kit.py --out .whl
+	$(BIN)/python bench/device/device_kit.py --out .whl
 
 # The rehearsal of the device command here, on the CPU: an "image" venv with only what the
 # GPU image preinstalls (torch and the libraries below, no torchtune, not the project), a
@@ -81,7 +81,7 @@ device-rehearsal: install
 	rm -rf $(REHEARSAL)
 	$(PYTHON) -m venv $(REHEARSAL)/image
 	$(REHEARSAL)/image/bin/python -m pip install --quiet -c constraints.txt $(IMAGE_PACKAGES)
-	$(BIN)/python scripts/device_kit.py --python-version $(PY_MINOR) --out $(REHEARSAL)/kit
+	$(BIN)/python bench/device/device_kit.py --python-version $(PY_MINOR) --out $(REHEARSAL)/kit
 	OUT=$(CURDIR)/$(REHEARSAL)/out bash bench/device/run_on_device.sh --cpu-smoke \
 		--kit $(REHEARSAL)/kit --python $(CURDIR)/$(REHEARSAL)/image/bin/python
 

@@ -1,9 +1,10 @@
-"""scripts/device_kit.py (make device-kit): the pins it takes, the one-wheel-per-package and
+"""bench/device/device_kit.py (make device-kit): the pins it takes, the one-wheel-per-package and
 size checks. Downloading is pip's; the whole kit is rehearsed by `make device-rehearsal`
 (CI), which installs it with --target and runs bench/device/run_on_device.sh --cpu-smoke."""
 
 import importlib.util
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-spec = importlib.util.spec_from_file_location("device_kit", REPO / "scripts" / "device_kit.py")
+spec = importlib.util.spec_from_file_location(
+    "device_kit", REPO / "bench" / "device" / "device_kit.py"
+)
 device_kit = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(device_kit)
 
@@ -84,3 +87,23 @@ def test_gpu_check_interrupted_keeps_the_parts_that_finished(tmp_path):
     assert report["interrupted"] == "SIGTERM"
     assert "seconds" in report["paper_step"] and "environment" in report
     assert "interrupted (SIGTERM)" in output
+
+
+def test_a_kit_is_tied_to_the_sources_it_was_built_from(tmp_path):
+    # a copy of the project's wheel sources, a kit.json from them, then one source edit
+    root = tmp_path / "tree"
+    for top in device_kit.SOURCES:
+        src = REPO / top
+        if src.is_file():
+            root.mkdir(exist_ok=True)
+            (root / top).write_bytes(src.read_bytes())
+        else:
+            shutil.copytree(src, root / top, ignore=shutil.ignore_patterns("__pycache__"))
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    (kit / "kit.json").write_text(json.dumps({"source_digest": device_kit.source_digest(root)}))
+    assert device_kit.source_digest(root) == device_kit.source_digest(REPO)
+    assert device_kit.check_kit(kit, root) == 0
+    (root / "abmll_tune" / "meta.py").write_text("# edited\n")
+    assert device_kit.check_kit(kit, root) == 1
+    assert device_kit.check_kit(tmp_path / "missing", root) == 1

@@ -52,6 +52,10 @@ if [ ${#wheels[@]} -eq 0 ]; then
     say "no wheels in $kit: run 'make device-kit' here and carry $kit"
     exit 3
 fi
+# a kit built from other sources would run old code beside this tree's configs
+if ! "$python" bench/device/device_kit.py --check-kit "$kit"; then
+    exit 3
+fi
 site=$(mktemp -d)/site
 say "installing ${#wheels[@]} wheels from $kit into $site"
 if ! "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \

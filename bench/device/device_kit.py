@@ -1,7 +1,7 @@
 """Build the device kit: the wheels a lent GPU machine's image lacks, plus this project's.
 
-    python scripts/device_kit.py                         # .whl/ for the GPU image (make device-kit)
-    python scripts/device_kit.py --python-version 3.11 --out .rehearsal/kit   # for this machine
+    python bench/device/device_kit.py                         # .whl/ for the GPU image (make device-kit)
+    python bench/device/device_kit.py --python-version 3.11 --out .rehearsal/kit   # for this machine
 
 The lent machine (docs/gpu.md) is offline, with Python 3.12 and a CUDA build of
 torch and most of what the project imports preinstalled, but not torchtune and the
@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # What the GPU image lacks of the project's runtime dependencies (torchtune, and what it and
 # `datasets` import); everything else the project imports is in the image.
 KIT_PACKAGES = (
@@ -119,6 +119,27 @@ def check_size(kit_bytes: int, tree: int, limit_mib: float) -> None:
         )
 
 
+# what the project's wheel is built from: a kit whose wheel came from other sources runs
+# old code beside the tree's new configs, so run_on_device.sh compares the two digests
+SOURCES = ("pyproject.toml", "abmll_tune", "recipes")
+
+
+def source_digest(root: Path = ROOT) -> str:
+    """sha256 over the project's wheel sources (paths and contents, sorted; caches and
+    compiled files left out). Standard library only: the lent machine runs it before
+    anything is installed."""
+    digest = hashlib.sha256()
+    for top in SOURCES:
+        path = root / top
+        files = [path] if path.is_file() else sorted(path.rglob("*"))
+        for f in files:
+            if not f.is_file() or "__pycache__" in f.parts or f.suffix in (".pyc", ".pyo"):
+                continue
+            digest.update(f.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def _pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", *args], check=True)
 
@@ -149,6 +170,7 @@ def build(out: Path, python_version: str, limit_mib: float) -> dict:
         kit_bytes = sum(w.stat().st_size for w in wheels)
         check_size(kit_bytes, tree_bytes(exclude=tmp), limit_mib)
         manifest = {
+            "source_digest": source_digest(),
             "python_version": python_version,
             "platforms": list(PLATFORMS),
             "pins": pins,
@@ -173,6 +195,24 @@ def build(out: Path, python_version: str, limit_mib: float) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_kit(kit: Path, root: Path = ROOT) -> int:
+    """0 when ``kit`` was built from ``root``'s sources, else 1 with what to do."""
+    try:
+        built_from = json.loads((kit / "kit.json").read_text()).get("source_digest")
+    except (OSError, ValueError) as error:
+        print(f"device kit: {kit / 'kit.json'} unreadable ({error}): run make device-kit")
+        return 1
+    here = source_digest(root)
+    if built_from != here:
+        print(
+            f"device kit: {kit} was built from other sources (digest {str(built_from)[:12]}, "
+            f"this tree {here[:12]}): its wheel would run old code; run make device-kit"
+        )
+        return 1
+    print(f"device kit: built from this tree's sources ({here[:12]})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".whl")
@@ -180,7 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         "--python-version", default="3.12", help="the lent machine's Python (default 3.12)"
     )
     parser.add_argument("--limit-mib", type=float, default=LIMIT_MIB)
+    parser.add_argument(
+        "--check-kit",
+        type=Path,
+        metavar="KIT",
+        help="only check that KIT/kit.json was built from this tree's sources (exit 1 if not)",
+    )
     args = parser.parse_args(argv)
+    if args.check_kit is not None:
+        return check_kit(args.check_kit)
     try:
         manifest = build(args.out, args.python_version, args.limit_mib)
     except (KitError, subprocess.CalledProcessError) as error:
