@@ -107,3 +107,21 @@ def test_a_kit_is_tied_to_the_sources_it_was_built_from(tmp_path):
     (root / "abmll_tune" / "meta.py").write_text("# edited\n")
     assert device_kit.check_kit(kit, root) == 1
     assert device_kit.check_kit(tmp_path / "missing", root) == 1
+
+
+def test_a_run_cut_by_the_budget_does_not_fail_the_gpu_check():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", REPO / "bench" / "device" / "gpu_check.py"
+    )
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+
+    def report(*runs):
+        parts = {p: {} for p in gpu_check.PARTS}
+        return {**parts, "recipes": {"ok": True}, "methods": {"runs": list(runs)}}
+
+    done = {"train_exit": 0, "eval_exit": 0}
+    assert gpu_check._passed(report(done, {"train_exit": 124}, {"train_exit": 0, "eval_exit": 124}))
+    assert not gpu_check._passed(report(done, {"train_exit": 1}))  # an error fails it
+    assert not gpu_check._passed(report({"train_exit": 124}))  # nothing finished
+    assert not gpu_check._passed({**report(done), "interrupted": "SIGTERM"})
