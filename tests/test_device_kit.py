@@ -125,3 +125,21 @@ def test_a_run_cut_by_the_budget_does_not_fail_the_gpu_check():
     assert not gpu_check._passed(report(done, {"train_exit": 1}))  # an error fails it
     assert not gpu_check._passed(report({"train_exit": 124}))  # nothing finished
     assert not gpu_check._passed({**report(done), "interrupted": "SIGTERM"})
+
+
+def test_the_inductor_probe_records_a_failing_compiler(monkeypatch):
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", REPO / "bench" / "device" / "gpu_check.py"
+    )
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no working C compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    probe = gpu_check.inductor_probe(torch.device("cpu"))
+    assert probe["ok"] is False and "no working C compiler" in probe["error"]
+    assert {"cc", "triton", "cache_dir", "cache_writable", "seconds"} <= set(probe)

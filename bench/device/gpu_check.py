@@ -36,6 +36,7 @@ the embedded suite for parts 2 and 3), so that the script cannot rot.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -222,6 +223,7 @@ def paper_step(
             out["skipped"] = list(kinds[i:])
             break
         again = kind in kinds[:i]
+        print(f"[gpu_check] part 1: {kind}{' again' if again else ''}", flush=True)
         model = _build(kind, shape, device, dtype, activation_checkpointing=True)
         steps = _steppers(kind, model, batch, inner_steps)
         if again:
@@ -239,9 +241,18 @@ def paper_step(
         # each kind gets its share of the time left to the part
         share = (deadline - time.perf_counter()) / max(1, len(kinds) - i)
         times.update(_timed(steps, repeats, device, time.perf_counter() + share))
+        # every reference to the model goes (the loop's `step` closure held it: two 16 GB
+        # models resident at once at 8B)
         del model, steps
+        step = None
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        print(
+            f"[gpu_check] part 1: {kind} done, "
+            + ", ".join(f"{k} {statistics.median(v):.3f} s" for k, v in times.items()),
+            flush=True,
+        )
     out["peak_memory_gib"] = {k: None if v is None else v / 2**30 for k, v in memory.items()}
     out["first_step_seconds"] = first_step
     out["repeats"] = {k: len(v) for k, v in times.items()}
@@ -551,7 +562,34 @@ def environment(device: torch.device) -> dict:
             device_memory_gib=props.total_memory / 2**30,
             multiprocessors=props.multi_processor_count,
         )
+        env["inductor"] = inductor_probe(device)
     return env
+
+
+def inductor_probe(device: torch.device) -> dict:
+    """Can this image compile with inductor (a C compiler, triton, a writable cache)?
+    The KL's compiled kernel falls back to eager when it cannot, silently but for one
+    warning: recorded here before parts 1 and 2 rely on it."""
+    import importlib.metadata as metadata
+
+    probe: dict = {"cc": shutil.which("cc") or shutil.which("gcc")}
+    try:
+        probe["triton"] = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        probe["triton"] = None
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or tempfile.gettempdir()
+    probe["cache_dir"], probe["cache_writable"] = cache, os.access(cache, os.W_OK)
+    start = time.perf_counter()
+    try:
+        fn = torch.compile(lambda x: torch.sin(x) * 2 + 1, backend="inductor")
+        x = torch.randn(64, device=device)
+        torch.testing.assert_close(fn(x), torch.sin(x) * 2 + 1)
+        probe["ok"], probe["error"] = True, None
+    except Exception as error:  # noqa: BLE001 - what failed is the finding
+        probe["ok"], probe["error"] = False, f"{type(error).__name__}: {str(error)[:500]}"
+    probe["seconds"] = time.perf_counter() - start
+    print(f"[gpu_check] inductor probe: {'ok' if probe['ok'] else probe['error']}", flush=True)
+    return probe
 
 
 def _table(report: dict) -> str:
@@ -562,6 +600,13 @@ def _table(report: dict) -> str:
             f"environment: python {env['python']}, torch {env['torch']} (cuda {env['cuda']}), "
             f"{env.get('device_name', 'cpu')}; abmll_tune from {env['abmll_tune_from']}"
         )
+        probe = env.get("inductor")
+        if probe:
+            lines.append(
+                f"inductor: {'ok' if probe['ok'] else 'FAILED ' + str(probe['error'])} "
+                f"({probe['seconds']:.1f} s; cc {probe['cc']}, triton {probe['triton']}, "
+                f"cache {probe['cache_dir']} {'writable' if probe['cache_writable'] else 'NOT writable'})"
+            )
     step = report.get("paper_step")
     if step and "seconds" in step:
         lines.append(f"paper step ({step['device']}, {step['dtype']}, batch {step['batch']}):")
