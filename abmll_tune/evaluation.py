@@ -35,6 +35,7 @@ from abmll_tune.objectives import answer_logits
 from abmll_tune.settings import check_settings, setting
 
 PRUNING_KINDS = ("hidden", "weight")
+ADAPT_OPTIMIZERS = ("adamw", "sgd", "prior_natural")
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,11 @@ class EvalSettings:
     )
     adapt_optimizer: str = setting(
         "adamw",
-        doc="adaptation optimizer: `adamw` (the paper's) or `sgd` (moves each weight by its "
-        "gradient, where AdamW's first step moves every weight by the learning rate)",
-        choices=("adamw", "sgd"),
+        doc="adaptation optimizer: `adamw` (the paper's), `sgd` (moves each weight by its "
+        "gradient, where AdamW's first step moves every weight by the learning rate) or "
+        "`prior_natural` (ABMLL: Newton steps on the KL for the mean pairs, "
+        "`adapt_lr_mean` the step's fraction, AdamW for the stds; needs `adapt_beta`)",
+        choices=ADAPT_OPTIMIZERS,
     )
     adapt_beta: float | str | None = setting(
         None,
@@ -89,9 +92,14 @@ class EvalSettings:
             )
         if self.adapt_steps < 0 or any(s < 1 for s in self.samples):
             raise ValueError("adapt_steps must be >= 0 and samples >= 1")
-        if self.adapt_optimizer not in ("adamw", "sgd"):
+        if self.adapt_optimizer not in ADAPT_OPTIMIZERS:
             raise ValueError(
-                f"adapt_optimizer must be 'adamw' or 'sgd', got {self.adapt_optimizer!r}"
+                f"adapt_optimizer must be one of {ADAPT_OPTIMIZERS}, got {self.adapt_optimizer!r}"
+            )
+        if self.adapt_optimizer == "prior_natural" and self.adapt_beta is None:
+            raise ValueError(
+                "adapt_optimizer prior_natural needs adapt_beta (per_example or a number): "
+                "its steps scale as 1 / beta, and a training beta of 1e-6 makes them huge"
             )
         beta = self.adapt_beta
         if not (beta is None or beta == "per_example" or (
@@ -107,10 +115,17 @@ class EvalSettings:
             return 1.0 / max(support_size, 1)
         return None if self.adapt_beta is None else float(self.adapt_beta)
 
-    def make_optimizer(self):
-        """``f(param_groups) -> Optimizer`` of ``adapt_optimizer`` (learning rates per group)."""
+    def make_optimizer(self, model: nn.Module | None = None, beta: float | None = None):
+        """``f(param_groups) -> Optimizer`` of ``adapt_optimizer`` (learning rates per
+        group); ``prior_natural`` also needs the model and the task's KL weight."""
         if self.adapt_optimizer == "sgd":
             return lambda groups: torch.optim.SGD(groups, lr=0.0)
+        if self.adapt_optimizer == "prior_natural":
+            from abmll_tune.methods.abmll import PriorNaturalGradient
+
+            if model is None or beta is None:
+                raise ValueError("prior_natural adaptation needs the model and beta")
+            return lambda groups: PriorNaturalGradient([dict(g, beta=beta) for g in groups], model)
         return lambda groups: torch.optim.AdamW(groups, weight_decay=0.0)
 
 
@@ -223,7 +238,14 @@ def evaluate_tasks(
     it adapts with its own objective at the adaptation learning rates
     (:meth:`~abmll_tune.methods.Method.for_adaptation`).
     """
-    make_optimizer = make_optimizer or settings.make_optimizer()
+    per_task_optimizer = make_optimizer is None and settings.adapt_optimizer == "prior_natural"
+    if per_task_optimizer and not method.variational:
+        raise ValueError(
+            f"adapt_optimizer prior_natural preconditions by a learned Gaussian prior; method "
+            f"{method.name!r} has none: use adamw or sgd"
+        )
+    if make_optimizer is None and not per_task_optimizer:
+        make_optimizer = settings.make_optimizer()
     snapshot = {n: p.detach().clone() for n, p in adapter_params_by_group(model).items()}
     params = adapter_params_by_group(model)
     records: list[dict] = []
@@ -246,11 +268,16 @@ def evaluate_tasks(
                     # from the global ones, as adaptation would (not the last task's)
                     adapt_method.begin_task(model)
                 else:
+                    make = (
+                        settings.make_optimizer(model, beta=getattr(adapt_method, "beta", None))
+                        if per_task_optimizer
+                        else make_optimizer
+                    )
                     learner = MetaLearner(
                         model,
                         adapt_method,
-                        make_optimizer,
-                        make_optimizer,
+                        make,
+                        make,
                         inner_steps=max(1, settings.adapt_steps),
                     )
                     learner.begin_task()

@@ -522,3 +522,21 @@ def test_benchmark_table_renders_a_committed_summary():
         and "commit abcdef1" in text
         and "`python bench/bench_methods.py`" in text
     )
+
+
+def test_prior_natural_adaptation_runs_for_abmll_and_is_refused_without_a_prior(data):
+    from abmll_tune.methods import ABMLL, Reptile
+
+    tasks = ["emb-test-00"]
+    common = dict(seeds=(100,), adapt_steps=2, samples=(1,), eval_batch_size=32)
+    natural = EvalSettings(adapt_optimizer="prior_natural", adapt_beta="per_example", **common)
+    model = model_for("abmll")
+    records = evaluate_tasks(model, data, tasks, natural, method=ABMLL(beta=1e-6))
+    adamw = evaluate_tasks(model, data, tasks, EvalSettings(adapt_beta="per_example", **common),
+                           method=ABMLL(beta=1e-6))  # fmt: skip
+    assert records and all(abs(sum(r["probs"]) - 1) < 1e-5 for r in records)
+    assert [r["probs"] for r in records] != [r["probs"] for r in adamw]
+    with pytest.raises(ValueError, match="method 'reptile' has none"):
+        evaluate_tasks(model_for("reptile"), data, tasks, natural, method=Reptile())
+    with pytest.raises(ValueError, match="prior_natural needs adapt_beta"):
+        EvalSettings(adapt_optimizer="prior_natural")

@@ -129,6 +129,95 @@ def marginal_likelihood_backward(
     }
 
 
+class PriorNaturalGradient(torch.optim.Optimizer):
+    """Adaptation steps on the local mean pairs preconditioned by the learned prior.
+
+    Under the ELBO at weight ``beta``, the KL's mean part is the quadratic
+    ``beta * sum_ij (W_ij - W_theta,ij)^2 / (2 sigma_theta,ij^2)`` in ``W = s B A``. For a
+    factor with the other held fixed it is exactly quadratic, with Hessian blocks
+
+        F_B[i] = beta s^2 A diag(1 / sigma_theta[i, :]^2) A^T      (r x r, one per row i)
+        F_A[j] = beta s^2 B^T diag(1 / sigma_theta[:, j]^2) B      (r x r, one per column j)
+
+    and each step is ``factor -= lr * (F + damping) \\ gradient``: a Newton step on the
+    KL, so the data's gradient moves each weight by about sigma_theta^2 / beta times it (at
+    beta = 1 / n the posterior's scale), whatever sigma_theta's size. AdamW's first step
+    moves every coordinate by its learning rate instead, which overshoots a tight prior
+    by orders of magnitude (``docs/method.md``, "The planted benchmark"). Both factors
+    step at once, so ``lr`` 0.5 (the default) halves the bilinear double count. Groups
+    named ``*_mean`` take this step (their ``beta`` entry, set by evaluation, weighs the
+    KL); the other groups (the std pairs) take AdamW steps at their own rates.
+    """
+
+    def __init__(self, groups: list[dict], model: torch.nn.Module, damping: float = 1e-4):
+        super().__init__(groups, {"lr": 0.5, "beta": 1.0})
+        self.damping = damping
+        self._layers = {}  # id(local mean param) -> (layer, "a" | "b")
+        for layer in variational_lora_layers(model).values():
+            if not layer.variational:
+                raise ValueError("prior_natural adaptation needs a Gaussian prior (ABMLL)")
+            a, b = layer.pair("local", "mean")
+            self._layers[id(a)], self._layers[id(b)] = (layer, "a"), (layer, "b")
+        other = [g for g in self.param_groups if not str(g.get("name", "")).endswith("_mean")]
+        self._adamw = (
+            torch.optim.AdamW([dict(g) for g in other], weight_decay=0.0) if other else None
+        )
+
+    @staticmethod
+    def fisher_blocks(layer, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F_B, F_A): ``(out, r, r)`` and ``(in, r, r)``, float64, at the local means."""
+        a, b = (w.detach().double() for w in layer.pair("local", "mean"))
+        a_sd, b_sd = (w.detach().double() for w in layer.pair("global", "std"))
+        from abmll_tune.modules.gaussian import std_variance
+
+        precision = 1.0 / std_variance(
+            layer.scale * (b_sd @ a_sd), layer.sigma_floor, layer.std_param
+        )
+        r = a.shape[0]
+        weight = beta * layer.scale**2
+        f_b = precision @ (a[:, None, :] * a[None, :, :]).reshape(r * r, -1).T
+        f_a = precision.T @ (b[:, :, None] * b[:, None, :]).reshape(-1, r * r)
+        return weight * f_b.reshape(-1, r, r), weight * f_a.reshape(-1, r, r)
+
+    def _solve(self, blocks: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        r = blocks.shape[-1]
+        trace = blocks.diagonal(dim1=-2, dim2=-1).sum(-1).mean() / r
+        if not bool(trace > 0):  # the other factor is zero: the KL is flat here, a plain step
+            return grads.double()
+        eye = torch.eye(r, dtype=blocks.dtype, device=blocks.device)
+        damped = blocks + self.damping * trace * eye
+        return torch.linalg.solve(damped, grads.double()[..., None])[..., 0]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._adamw is not None:  # the std pairs, at the (possibly scaled) rates
+            others = [g for g in self.param_groups if not str(g.get("name", "")).endswith("_mean")]
+            for mine, theirs in zip(others, self._adamw.param_groups, strict=True):
+                theirs["lr"] = mine["lr"]
+            self._adamw.step()
+        for group in self.param_groups:
+            if not str(group.get("name", "")).endswith("_mean"):
+                continue
+            layers = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    layer, which = self._layers[id(p)]
+                    layers.setdefault(id(layer), (layer, {}))[1][which] = p
+            for layer, params in layers.values():
+                f_b, f_a = self.fisher_blocks(layer, group["beta"])
+                if "b" in params:
+                    b = params["b"]
+                    b.sub_(group["lr"] * self._solve(f_b, b.grad).to(b.dtype))
+                if "a" in params:
+                    a = params["a"]
+                    a.sub_(group["lr"] * self._solve(f_a, a.grad.T).T.to(a.dtype))
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none)
+        if self._adamw is not None:
+            self._adamw.zero_grad(set_to_none)
+
+
 def kl_pull(model: torch.nn.Module, nll: torch.Tensor, kl_term: torch.Tensor) -> dict[str, float]:
     """How much of an inner step's gradient on the local factors comes from beta * KL
     rather than the NLL (Eq. 2's two inner terms), per adapted layer and in total.
