@@ -74,7 +74,9 @@ def main(argv=None) -> None:
     parser.add_argument("--select-zero-step", type=Path, help="a run's checkpoints/ directory")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
-        "--adapt-optimizer", default=ADAPTATION["optimizer"], choices=("adamw", "sgd", "prior_natural")
+        "--adapt-optimizer",
+        default=ADAPTATION["optimizer"],
+        choices=("adamw", "sgd", "prior_natural"),
     )
     parser.add_argument(
         "--adapt-beta", type=_beta, default=ADAPTATION["beta"],
