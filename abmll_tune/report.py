@@ -332,6 +332,29 @@ def benchmark_table(summary: dict) -> str:
     )
 
 
+def curves_table(summary: dict) -> str:
+    """The Markdown table of a committed learning-curve summary (``bench/bench_epochs.py
+    --results``, ``docs/results/epochs.json``): validation accuracy and NLL per method
+    against gradient steps, mean +- SE over the training seeds."""
+    methods = summary["methods"]
+    steps = sorted(set.intersection(*(set(c["steps"]) for c in methods.values())))
+    header = ["gradient steps"] + [f"{name} accuracy / NLL" for name in methods]
+    rows = []
+    for step in steps:
+        row = [str(step)]
+        for curve in methods.values():
+            i = curve["steps"].index(step)
+            (acc, acc_se), (nll, _) = curve["accuracy"][i], curve["nll"][i]
+            row.append(f"{acc:.3f} +- {acc_se:.3f} / {nll:.3f}")
+        rows.append(row)
+    markdown, _ = _table(header, rows)
+    return (
+        markdown
+        + f"\n{summary['date']}, commit {(summary.get('commit') or '?')[:7]}, "
+        f"{summary['machine']}: `{summary['command']}`\n"
+    )
+
+
 def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict:
     results, histories = find_runs(paths)
     out = Path(out)

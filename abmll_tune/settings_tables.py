@@ -43,9 +43,9 @@ def results_tables(name: str, results_dir: Path = RESULTS_DIR) -> str:
     import json
 
     from abmll_tune.embedded.planted import results_tables as planted_tables
-    from abmll_tune.report import benchmark_table
+    from abmll_tune.report import benchmark_table, curves_table
 
-    renderers = {"planted": planted_tables, "methods": benchmark_table}
+    renderers = {"planted": planted_tables, "methods": benchmark_table, "epochs": curves_table}
     if name not in renderers:
         raise KeyError(f"a marker names unknown results {name!r}")
     path = results_dir / f"{name}.json"

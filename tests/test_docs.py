@@ -64,3 +64,18 @@ def test_the_readme_is_short_and_indexes_every_docs_page():
     assert len(readme.splitlines()) <= 350
     for page in sorted((REPO / "docs").glob("*.md")):
         assert f"(docs/{page.name})" in readme, f"README does not link docs/{page.name}"
+
+
+def test_the_table_generator_checks_every_page_as_documented():
+    # README "Development": python -m abmll_tune.settings_tables (here with --check), from
+    # the repository root, without PYTHONPATH
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-m", "abmll_tune.settings_tables", "--check"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
