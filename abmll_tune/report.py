@@ -349,8 +349,7 @@ def curves_table(summary: dict) -> str:
         rows.append(row)
     markdown, _ = _table(header, rows)
     return (
-        markdown
-        + f"\n{summary['date']}, commit {(summary.get('commit') or '?')[:7]}, "
+        markdown + f"\n{summary['date']}, commit {(summary.get('commit') or '?')[:7]}, "
         f"{summary['machine']}: `{summary['command']}`\n"
     )
 
