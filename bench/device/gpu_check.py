@@ -99,6 +99,19 @@ def _materialise(model: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     model.to(dtype=dtype)
 
 
+FLAGSHIP_CONFIG = REPO / "configs" / "llama3_8b_cls45.yaml"
+
+
+def flagship_adapters() -> dict:
+    """The adapter settings of the 8B flagship config (rank, alpha, std init, KL dtype),
+    read from the config that travels with the tree."""
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.load(FLAGSHIP_CONFIG).model
+    keys = ("lora_rank", "lora_alpha", "std_b_init_std", "kl_dtype")
+    return {k: model[k] for k in keys}
+
+
 def _build(kind: str, shape: dict, device, dtype, activation_checkpointing: bool):
     from torchtune import modules, training
     from torchtune.models.llama3 import lora_llama3
@@ -108,13 +121,11 @@ def _build(kind: str, shape: dict, device, dtype, activation_checkpointing: bool
     with training.set_default_dtype(dtype), torch.device("meta"):
         if kind == "lora":
             model = lora_llama3(TARGETS, lora_rank=8, lora_alpha=16, **shape)
-        else:  # the flagship config's std init (docs/method.md, "Leaving the stationary point")
-            from bench_layer import PAPER_ADAPTERS
-
+        else:  # the flagship config's adapters (docs/method.md, "Leaving the stationary point")
             # "abmll": the default (auto: one compiled kernel per KL chunk on CUDA);
             # "abmll_eager": the eager in-place kernel, for the before/after ratio
             kernel = "eager" if kind == "abmll_eager" else "auto"
-            model = abmll_llama3(TARGETS, **PAPER_ADAPTERS, kl_kernel=kernel, **shape)
+            model = abmll_llama3(TARGETS, **flagship_adapters(), kl_kernel=kernel, **shape)
     _materialise(model, device, dtype)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
