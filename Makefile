@@ -51,8 +51,10 @@ format: install
 
 bench: install
 	$(BIN)/python bench/bench_layer.py --out bench_results/layer.json
-	$(BIN)/python bench/bench_methods.py --out bench_results/methods
-	$(BIN)/python bench/bench_planted.py --out bench_results/planted --seeds 3 --results docs/results/planted.json
+	$(BIN)/python bench/bench_methods.py --out bench_results/methods --methods pretrained,lora,structured_lora,reptile,abmll --seeds 3 --results docs/results/methods.json
+	$(BIN)/python bench/bench_epochs.py --out bench_results/epochs --results docs/results/epochs.json
+	$(BIN)/python bench/bench_planted.py --out bench_results/planted --spreads 1,2 --seeds 5 --results docs/results/planted.json
+	$(BIN)/python bench/planted_protocols.py --root bench_results/planted/spread1 --results docs/results/planted_protocols.json
 	$(BIN)/python bench/bench_cost.py --out bench_results/cost.json
 	$(BIN)/python bench/bench_distributed.py --out bench_results/distributed.json
 	$(BIN)/python bench/bench_answer_logits.py --out bench_results/answer_logits.json
