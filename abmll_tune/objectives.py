@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-from abmll_tune.modules import kl_local_global, neg_log_prior_global, variational_lora_layers
+from abmll_tune.modules import VariationalLoRALinear, kl_local_global, neg_log_prior_global
 
 
 def shifted_labels(labels: Tensor) -> Tensor:
@@ -68,7 +68,8 @@ def on_model_device(model: nn.Module, batch: dict) -> dict:
     The adapters' device is the compute device: a base FSDP2 offloads to the CPU
     (``fsdp_cpu_offload``) still computes on the GPU, where the adapters stay.
     """
-    layer = next(iter(variational_lora_layers(model).values()), None)
+    # the first adapter module found ends the walk: this runs on every batch
+    layer = next((m for m in model.modules() if isinstance(m, VariationalLoRALinear)), None)
     if layer is not None:
         device = layer.get_parameter(layer.adapter_params()[0]).device
     else:

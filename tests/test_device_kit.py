@@ -109,12 +109,17 @@ def test_a_kit_is_tied_to_the_sources_it_was_built_from(tmp_path):
     assert device_kit.check_kit(tmp_path / "missing", root) == 1
 
 
-def test_a_run_cut_by_the_budget_does_not_fail_the_gpu_check():
+def _gpu_check_module():
     spec = importlib.util.spec_from_file_location(
         "gpu_check", REPO / "bench" / "device" / "gpu_check.py"
     )
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_run_cut_by_the_budget_does_not_fail_the_gpu_check():
+    gpu_check = _gpu_check_module()
 
     def report(*runs):
         parts = {p: {} for p in gpu_check.PARTS}
@@ -130,11 +135,7 @@ def test_a_run_cut_by_the_budget_does_not_fail_the_gpu_check():
 def test_the_inductor_probe_records_a_failing_compiler(monkeypatch):
     import torch
 
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check", REPO / "bench" / "device" / "gpu_check.py"
-    )
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = _gpu_check_module()
 
     def broken(*args, **kwargs):
         raise RuntimeError("no working C compiler")

@@ -55,7 +55,7 @@ from abmll_tune.modules import (
     variational_lora_layers,
     zero_fixed_std_grads,
 )
-from abmll_tune.modules.gaussian import draw_seed
+from abmll_tune.modules.gaussian import draw_seed, std_variance
 from abmll_tune.objectives import ELBOWeights, beta_kl, gamma_prior
 from abmll_tune.settings import setting
 
@@ -168,8 +168,6 @@ class PriorNaturalGradient(torch.optim.Optimizer):
         """(F_B, F_A): ``(out, r, r)`` and ``(in, r, r)``, float64, at the local means."""
         a, b = (w.detach().double() for w in layer.pair("local", "mean"))
         a_sd, b_sd = (w.detach().double() for w in layer.pair("global", "std"))
-        from abmll_tune.modules.gaussian import std_variance
-
         precision = 1.0 / std_variance(
             layer.scale * (b_sd @ a_sd), layer.sigma_floor, layer.std_param
         )
