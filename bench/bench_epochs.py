@@ -88,7 +88,12 @@ def curves(out: Path, name: str, seeds: int) -> dict:
     }
 
 
-def plot(table: dict, path: Path) -> None:
+def plot(
+    table: dict,
+    path: Path,
+    title: str = "Embedded suite: validation over a data epoch (mean +- SE over seeds)",
+    marker: int | None = 200,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,9 +108,10 @@ def plot(table: dict, path: Path) -> None:
             ax.set_xlabel("gradient steps")
             ax.set_ylabel(f"validation {metric}")
     for ax in axes:
-        ax.axvline(200, color="grey", lw=0.8, ls=":")  # one `tasks` epoch of a meta-learner
+        if marker is not None:  # one `tasks` epoch of a meta-learner
+            ax.axvline(marker, color="grey", lw=0.8, ls=":")
     axes[0].legend()
-    fig.suptitle("Embedded suite: validation over a data epoch (mean +- SE over seeds)")
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")

@@ -406,6 +406,15 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         if within_epoch:
             row["within_epoch"] = True
         row.update({m: chosen[m]["mean"] for m in ("accuracy", "ece", "nll", "brier")})
+        # per task, averaged over the support seeds: what a benchmark's SE over tasks needs
+        by_seed = summary[f"{self._method.default_variant}@0"]["per_task"].values()
+        row["per_task"] = {
+            task: {
+                m: sum(t[task][m] for t in by_seed) / len(by_seed)
+                for m in ("accuracy", "ece", "nll")
+            }
+            for task in next(iter(by_seed))
+        }
         row["variants"] = {
             k: {m: v["summary"][m]["mean"] for m in ("accuracy", "ece")} for k, v in summary.items()
         }

@@ -211,6 +211,10 @@ def test_validation_within_epochs_selects_and_stops_on_those_validations(
     assert [(r["epoch"], r["visits"], r.get("within_epoch", False)) for r in rows] == [
         (0, 0, False), (0, 5, True), (0, 10, True)
     ]  # fmt: skip
+    for r in rows:  # per-task metrics whose macro mean is the row's (one support seed)
+        assert len(r["per_task"]) == 2
+        mean = sum(t["accuracy"] for t in r["per_task"].values()) / 2
+        assert abs(mean - r["accuracy"]) < 1e-12
     visits = (out / "logs" / "task_visits_rank0.jsonl").read_text().splitlines()
     assert len(visits) == 10
     meta = json.loads((out / "checkpoints" / "latest" / "meta.json").read_text())
