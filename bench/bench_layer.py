@@ -44,7 +44,9 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
+REPO = Path(__file__).resolve().parents[1]
 SHAPE = dict(
     vocab_size=16,  # the layer is what is measured; embeddings stay tiny
     num_layers=1,
@@ -55,9 +57,22 @@ SHAPE = dict(
     max_seq_len=512,
 )
 TARGETS = ["q_proj", "v_proj", "output_proj"]
-# ABMLL's adapters as the 8B configs build them (also bench/device/gpu_check.py's)
-PAPER_ADAPTERS = dict(lora_rank=8, lora_alpha=16, std_b_init_std=2e-2, kl_dtype="float32")
-BETA, GAMMA = 5e-10, 1e-6
+# ABMLL's adapters, beta and gamma as the 8B flagship config sets them (as the device check)
+_FLAGSHIP = OmegaConf.load(REPO / "configs" / "llama3_8b_cls45.yaml")
+PAPER_ADAPTERS = {
+    k: _FLAGSHIP.model[k]
+    for k in (
+        "lora_rank",
+        "lora_alpha",
+        "std_param",
+        "sigma_floor",
+        "sigma_floor_w0_fraction",
+        "std_b_init_std",
+        "kl_dtype",
+    )  # fmt: skip
+    if k in _FLAGSHIP.model
+}
+BETA, GAMMA = float(_FLAGSHIP.method.beta), float(_FLAGSHIP.method.gamma)
 VARIANTS = (
     "lora",
     "abmll_inner",

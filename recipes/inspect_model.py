@@ -21,20 +21,16 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 
 from abmll_tune.io import atomic_write_json
-from abmll_tune.methods.abmll import kl_pull
+from abmll_tune.methods.abmll import kl_pull_after_one_step
 from abmll_tune.models.loading import build_model
 from abmll_tune.modules import (
     ADAPTER_MODES,
     adapter_mode,
-    adapter_param_groups,
     adapter_params_by_group,
     kl_local_global,
     neg_log_prior_global,
-    reset_local_from_global,
-    set_trainable_scope,
     variational_lora_layers,
 )
-from abmll_tune.objectives import answer_nll
 
 log = utils.get_logger("INFO")
 
@@ -103,30 +99,16 @@ class InspectModelRecipe:
         return summary
 
     def _kl_pull_after_one_step(self, tokens: torch.Tensor, pull: DictConfig) -> dict:
-        """The KL's pull (:func:`abmll_tune.methods.abmll.kl_pull`) at the second inner
-        step of a task: phi = theta, one AdamW step on NLL + beta KL at the given rates,
-        then the gradient shares of both terms (at phi = theta the KL has no gradient).
-        The task is random tokens answered by a random token at the last position."""
-        model = self._model
-        beta = float(pull.beta)
-        reset_local_from_global(model)
-        set_trainable_scope(model, "local")
-        groups = adapter_param_groups(
-            model, "local", float(pull.inner_lr_mean), float(pull.inner_lr_std)
+        """The KL's pull at the second inner step of a task at the section's beta and rates
+        (:func:`abmll_tune.methods.abmll.kl_pull_after_one_step`)."""
+        out = kl_pull_after_one_step(
+            self._model,
+            tokens,
+            float(pull.beta),
+            float(pull.inner_lr_mean),
+            float(pull.inner_lr_std),
         )
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        labels = torch.full_like(tokens, -100)
-        labels[:, -1] = torch.randint_like(tokens[:, -1], model.tok_embeddings.num_embeddings)
-        positions = torch.full((tokens.shape[0],), tokens.shape[1] - 2, device=tokens.device)
-        batch = {"tokens": tokens, "labels": labels, "answer_positions": positions}
-        with adapter_mode(model, "local_sample"):
-            (answer_nll(model, batch) + beta * kl_local_global(model)).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            nll = answer_nll(model, batch)
-            out = kl_pull(model, nll, beta * kl_local_global(model))
-        reset_local_from_global(model)
-        return {"beta": beta, **dict(pull), **out}
+        return {"beta": float(pull.beta), **dict(pull), **out}
 
     def save(self, summary: dict) -> Path:
         path = atomic_write_json(self._output_dir / "inspect.json", summary)

@@ -49,6 +49,8 @@ from abmll_tune.modules import (
     adapter_param_groups,
     adapter_params_by_group,
     adapter_sampling,
+    kl_local_global,
+    reset_local_from_global,
     set_adapter_mode,
     set_trainable_scope,
     sigma_summary,
@@ -56,7 +58,7 @@ from abmll_tune.modules import (
     zero_fixed_std_grads,
 )
 from abmll_tune.modules.gaussian import draw_seed, std_variance
-from abmll_tune.objectives import ELBOWeights, beta_kl, gamma_prior
+from abmll_tune.objectives import ELBOWeights, answer_nll, beta_kl, gamma_prior
 from abmll_tune.settings import setting
 
 # A draw whose importance weight is below this is not replayed with a backward pass: the
@@ -264,6 +266,39 @@ def kl_pull(model: torch.nn.Module, nll: torch.Tensor, kl_term: torch.Tensor) ->
     for prefix, (kl2, nll2, dominated, count) in per_layer.items():
         out[f"kl_pull/share/{prefix}"] = share(kl2, nll2)
         out[f"kl_pull/kl_dominated/{prefix}"] = dominated / max(count, 1)
+    return out
+
+
+def kl_pull_after_one_step(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    beta: float,
+    inner_lr_mean: float,
+    inner_lr_std: float,
+) -> dict[str, float]:
+    """The KL's pull (:func:`kl_pull`) at the second inner step of a task.
+
+    At a task's first step phi = theta and beta KL has no gradient, so the pull a config
+    starts training with shows one step later: phi = theta, one AdamW step on NLL + beta KL
+    at the given inner rates, then both terms' gradient shares. The task is ``tokens``
+    answered by a random token at the last position (the answer NLL of Eq. 2's inner term);
+    the model's local adapters are reset to the global ones before and after.
+    """
+    reset_local_from_global(model)
+    set_trainable_scope(model, "local")
+    optimizer = torch.optim.AdamW(
+        adapter_param_groups(model, "local", inner_lr_mean, inner_lr_std), weight_decay=0.0
+    )
+    labels = torch.full_like(tokens, -100)
+    labels[:, -1] = torch.randint_like(tokens[:, -1], model.tok_embeddings.num_embeddings)
+    positions = torch.full((tokens.shape[0],), tokens.shape[1] - 2, device=tokens.device)
+    batch = {"tokens": tokens, "labels": labels, "answer_positions": positions}
+    with adapter_mode(model, AdapterMode.LOCAL_SAMPLE):
+        (answer_nll(model, batch) + beta * kl_local_global(model)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out = kl_pull(model, answer_nll(model, batch), beta * kl_local_global(model))
+    reset_local_from_global(model)
     return out
 
 

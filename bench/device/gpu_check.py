@@ -67,8 +67,9 @@ LLAMA3_8B = dict(
     rope_base=500_000,
 )
 TINY = dict(TINY_LLAMA3, rope_base=500_000)
-PAPER = dict(beta=5e-10, gamma=1e-6, inner_lr_mean=5e-5, inner_lr_std=1e-5)
-PAPER.update(outer_lr_mean=1e-5, outer_lr_std=1e-6, std_grad_clamp=1.0)
+# ABMLL's settings in the flagship config (beta, gamma, rates, clamp): read_flagship()
+PAPER_KEYS = ("beta", "gamma", "inner_lr_mean", "inner_lr_std", "outer_lr_mean", "outer_lr_std")
+PAPER_KEYS += ("std_grad_clamp",)
 
 
 # ----------------------------------------------------------------------- part 1
@@ -103,13 +104,22 @@ FLAGSHIP_CONFIG = REPO / "configs" / "llama3_8b_cls45.yaml"
 
 
 def flagship_adapters() -> dict:
-    """The adapter settings of the 8B flagship config (rank, alpha, std init, KL dtype),
-    read from the config that travels with the tree."""
+    """The adapter settings of the 8B flagship config (rank, alpha, the std's form, scale
+    and init, KL dtype), read from the config that travels with the tree."""
     from omegaconf import OmegaConf
 
     model = OmegaConf.load(FLAGSHIP_CONFIG).model
-    keys = ("lora_rank", "lora_alpha", "std_b_init_std", "kl_dtype")
-    return {k: model[k] for k in keys}
+    keys = ("lora_rank", "lora_alpha", "std_param", "sigma_floor", "sigma_floor_w0_fraction")
+    keys += ("std_b_init_std", "kl_dtype")
+    return {k: model[k] for k in keys if k in model}
+
+
+def flagship_method() -> dict:
+    """ABMLL's beta, gamma, learning rates and std clamp in the 8B flagship config."""
+    from omegaconf import OmegaConf
+
+    method = OmegaConf.load(FLAGSHIP_CONFIG).method
+    return {k: method[k] for k in PAPER_KEYS}
 
 
 def _build(kind: str, shape: dict, device, dtype, activation_checkpointing: bool):
@@ -180,9 +190,9 @@ def _steppers(kind: str, model, batch: dict, inner_steps: int):
             optimizer.zero_grad(set_to_none=True)
 
         return {"lora_step": lora_step}
-    inner = MetaLearner(model, ABMLL(**PAPER), adamw, adamw, inner_steps=inner_steps)
+    inner = MetaLearner(model, ABMLL(**flagship_method()), adamw, adamw, inner_steps=inner_steps)
     first_order = MetaLearner(
-        model, ABMLL(**PAPER, outer_grad="first_order"), adamw, adamw, inner_steps=1
+        model, ABMLL(**flagship_method(), outer_grad="first_order"), adamw, adamw, inner_steps=1
     )
     visit = TaskVisit(0, 0, "gpu-check", [batch] * inner_steps)
     suffix = "_eager_kl" if kind == "abmll_eager" else ""
