@@ -7,7 +7,8 @@ At a task's first inner step phi = theta and beta KL has no gradient; one AdamW 
 its share of the inner gradient (``kl_pull/share``: ||g_KL|| / (||g_KL|| + ||g_NLL||), and
 the fraction of coordinates it dominates) says whether the inner loop still learns from the
 task. Measured on one decoder layer of each model's shape (``abmll_tune.models.one_layer``:
-random W0 ~ N(0, 0.02^2), q_proj adapted, a random-token task of 2 x 16 tokens), for the
+random W0 ~ N(0, 0.02^2), adapted where the config adapts, a random-token task of 2 x 32
+tokens), for the
 SmolLM2 config (the reference: its std and beta were chosen on real validation tasks), the
 paper-scale configs' std at several betas, the previous std (softabs, c = e^-20, B_std
 2e-2) and the literal one (affine, c = e^-20, B_std 0), at the configs' inner rates.
@@ -42,10 +43,12 @@ MODELS = {  # name -> the config whose model shape, std and inner rates are used
 BETAS = (5e-10, 1e-6, 1e-5, 1e-4)
 
 
-def measure(component: str, adapters: dict, beta: float, lr_mean: float, lr_std: float) -> dict:
-    model = one_layer_model(component, adapters)
+def measure(
+    component: str, adapted: list, adapters: dict, beta: float, lr_mean: float, lr_std: float
+) -> dict:
+    model = one_layer_model(component, adapters, adapted=adapted)
     torch.manual_seed(1)
-    tokens = torch.randint(0, 256, (2, 16))
+    tokens = torch.randint(0, 256, (2, 32))
     out = kl_pull_after_one_step(model, tokens, beta, lr_mean, lr_std)
     return {"share": out["kl_pull/share"], "kl_dominated": out["kl_pull/kl_dominated"]}
 
@@ -77,7 +80,8 @@ def main() -> None:
                 if "sigma_floor_w0_fraction" in adapters
                 else adapters["sigma_floor"]
             )
-            row.update(measure(cfg.model._component_, adapters, beta, *rates))
+            adapted = model["lora_attn_modules"]
+            row.update(measure(cfg.model._component_, adapted, adapters, beta, *rates))
             rows.append(row)
             print(f"{name:<13}{label:<14}{row['std_param']:<8}beta {beta:<8.0e}"
                   f"share {row['share']:.2e}  dominated {row['kl_dominated']:.2e}", flush=True)  # fmt: skip
@@ -90,8 +94,8 @@ def main() -> None:
         "command": f"python bench/bench_kl_pull.py --models {args.models}",
         "machine": "x86_64, 2 cores, CPU float32 (figures move with the CPU's floating point)",
         "minutes": (time.perf_counter() - start) / 60,
-        "note": "one decoder layer per model shape, random W0 ~ N(0, 0.02^2), q_proj adapted, "
-        "random-token task (2 x 16), one AdamW step at the config's inner rates, then the KL's "
+        "note": "one decoder layer per model shape, random W0 ~ N(0, 0.02^2), the config's "
+        "adapted projections, random-token task (2 x 32), one AdamW step at the config's inner rates, then the KL's "
         "share of the inner gradient norm and of the coordinates",
         "rows": rows,
     }
