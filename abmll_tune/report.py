@@ -348,10 +348,72 @@ def curves_table(summary: dict) -> str:
             row.append(f"{acc:.3f} +- {acc_se:.3f} / {nll:.3f}")
         rows.append(row)
     markdown, _ = _table(header, rows)
+    return markdown + _provenance(summary)
+
+
+def _provenance(summary: dict) -> str:
     return (
-        markdown + f"\n{summary['date']}, commit {(summary.get('commit') or '?')[:7]}, "
+        f"\n{summary['date']}, commit {(summary.get('commit') or '?')[:7]}, "
         f"{summary['machine']}: `{summary['command']}`\n"
     )
+
+
+LAYER_ROWS = {  # bench/bench_layer.py's variants, as the table names them
+    "lora": "torchtune LoRA",
+    "abmll_inner": "ABMLL inner step (sample + beta KL, local grads)",
+    "abmll_inner_compiled": "the same, `kl_kernel: compiled`",
+    "abmll_full": "ABMLL full step (sample + KL + prior, all grads)",
+    "abmll_full_compiled": "the same, `kl_kernel: compiled`",
+    "abmll_cycle": "ABMLL per step of a task (5 inner + 1 full) / 6, eager",
+    "abmll_dense_kl": "naive dense KL + prior (plain autograd)",
+}
+
+
+def layer_table(summary: dict) -> str:
+    """The Markdown table of ``bench/bench_layer.py --results`` (``docs/results/layer.json``):
+    each variant's step on one 8B-shaped layer against torchtune's LoRA."""
+    header = ["variant", "median s", "x LoRA", "min x LoRA", "CPU time x LoRA"]
+    header += ["peak RSS vs LoRA", "saved for backward vs LoRA", "x 32 layers"]
+    rows = []
+    for key, label in LAYER_ROWS.items():
+        r = summary["summary"][key]
+        rows.append(
+            [
+                label,
+                f"{r['median_step_seconds']:.2f}",
+                f"{r['time_ratio_vs_lora']:.2f}",
+                f"{r['min_time_ratio_vs_lora']:.2f}",
+                f"{r['cpu_time_ratio_vs_lora']:.2f}",
+                "-" if key == "lora" else f"{r['extra_peak_vs_lora_mib']:+.0f} MiB",
+                "-" if key == "lora" else f"{r['extra_saved_vs_lora_mib']:+.1f} MiB",
+                "-" if key == "lora" else f"{r['extra_saved_32_layers_gib']:+.2f} GiB",
+            ]
+        )
+    markdown, _ = _table(header, rows)
+    return markdown + _provenance(summary)
+
+
+def kl_pull_table(summary: dict) -> str:
+    """The Markdown table of ``bench/bench_kl_pull.py --results``
+    (``docs/results/kl_pull_layers.json``): the KL's share of the inner gradient after one
+    inner step, per model shape, std and beta."""
+    header = ["model layer", "std", "c", "B_std init", "beta", "inner rates (mean / std)"]
+    header += ["KL share of the gradient norm", "coordinates KL-dominated"]
+    rows = [
+        [
+            r["model"] + (" (its config)" if r["std"] == "config" else ""),
+            f"{r['std']}: {r['std_param']}",
+            str(r["c"]) if isinstance(r["c"], str) else f"{r['c']:.2g}",
+            f"{r['std_b_init_std']:g}",
+            f"{r['beta']:g}",
+            f"{r['inner_lr_mean']:g} / {r['inner_lr_std']:g}",
+            f"{r['share']:.2g}",
+            f"{100 * r['kl_dominated']:.3g}%",
+        ]
+        for r in summary["rows"]
+    ]
+    markdown, _ = _table(header, rows)
+    return markdown + _provenance(summary)
 
 
 def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict:

@@ -43,9 +43,10 @@ def results_tables(name: str, results_dir: Path = RESULTS_DIR) -> str:
     import json
 
     from abmll_tune.embedded.planted import results_tables as planted_tables
-    from abmll_tune.report import benchmark_table, curves_table
+    from abmll_tune.report import benchmark_table, curves_table, kl_pull_table, layer_table
 
     renderers = {"planted": planted_tables, "methods": benchmark_table, "epochs": curves_table}
+    renderers.update(epochs_smollm2=curves_table, layer=layer_table, kl_pull_layers=kl_pull_table)
     if name not in renderers:
         raise KeyError(f"a marker names unknown results {name!r}")
     path = results_dir / f"{name}.json"

@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per repetition")
     parser.add_argument("--out", type=Path, default=Path("bench_results/layer.json"))
+    parser.add_argument("--results", type=Path, help="also write the summary here (committed)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -275,6 +276,25 @@ def main() -> None:
     from abmll_tune.io import atomic_write_json
 
     atomic_write_json(args.out, report)
+    if args.results:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        summary_report = {
+            "date": report["date"],
+            "commit": commit,
+            "command": f"python bench/bench_layer.py --reps {args.reps} --steps {args.steps}",
+            "machine": f"x86_64 CPU, {torch.get_num_threads()} threads, float32 "
+            "(ratios move with the machine and its load)",
+            "config": "configs/llama3_8b_cls45.yaml (adapters, beta, gamma)",
+            "adapters": PAPER_ADAPTERS,
+            "beta": BETA,
+            "gamma": GAMMA,
+            "shape": SHAPE,
+            "batch": [2, 256],
+            "summary": summary,
+        }
+        atomic_write_json(args.results, summary_report)
     print(
         f"\nLlama3-8B-shaped decoder layer, fp32 CPU, batch 2x256, {args.reps} alternating reps (full results: {args.out})"
     )
