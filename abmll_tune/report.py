@@ -351,6 +351,39 @@ def curves_table(summary: dict) -> str:
     return markdown + _provenance(summary)
 
 
+def results_provenance(command: str, machine: str | None = None) -> dict:
+    """The header of a committed benchmark summary (``docs/results/``): date, commit (of
+    the checkout the benchmark runs from, when it is one), command and machine."""
+    import platform
+    import subprocess
+    import time
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit or None,
+        "command": command,
+        "machine": machine
+        or f"{platform.machine()}, {os.cpu_count()} cores, CPU float32 "
+        "(figures move with the CPU's floating point and the machine's load)",
+    }
+
+
+def summary_tables(summary: dict) -> str:
+    """The Markdown tables a benchmark stored with its summary (``tables``: a list of
+    ``{"title", "header", "rows"}``), followed by the summary's provenance."""
+    parts = []
+    for table in summary["tables"]:
+        markdown, _ = _table(table["header"], table["rows"])
+        parts.append((f"{table['title']}\n\n" if table.get("title") else "") + markdown)
+    return "\n".join(parts) + _provenance(summary)
+
+
 def _provenance(summary: dict) -> str:
     return (
         f"\n{summary['date']}, commit {(summary.get('commit') or '?')[:7]}, "

@@ -43,10 +43,19 @@ def results_tables(name: str, results_dir: Path = RESULTS_DIR) -> str:
     import json
 
     from abmll_tune.embedded.planted import results_tables as planted_tables
-    from abmll_tune.report import benchmark_table, curves_table, kl_pull_table, layer_table
+    from abmll_tune.report import (
+        benchmark_table,
+        curves_table,
+        kl_pull_table,
+        layer_table,
+        summary_tables,
+    )
 
     renderers = {"planted": planted_tables, "methods": benchmark_table, "epochs": curves_table}
     renderers.update(epochs_smollm2=curves_table, layer=layer_table, kl_pull_layers=kl_pull_table)
+    # benchmarks that store their own tables with their summary
+    renderers.update({k: summary_tables for k in ("cost", "distributed", "answer_logits")})
+    renderers["kl_scale"] = summary_tables
     if name not in renderers:
         raise KeyError(f"a marker names unknown results {name!r}")
     path = results_dir / f"{name}.json"

@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2_135m,tiny")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--results", type=Path, help="also write the summary here (committed)")
     args = parser.parse_args()
     results = {m: bench_model(m, args.seq_len, args.reps) for m in args.models.split(",")}
     print(
@@ -144,6 +145,32 @@ def main() -> None:
             )
     atomic_write_json(Path(args.out), results)
     print(f"wrote {args.out}")
+    if args.results:
+        from abmll_tune.report import results_provenance
+
+        names = {"smollm2_135m": "SmolLM2-135M", "tiny": "tiny (embedded suite)"}
+        rows = []
+        for name, r in results.items():
+            for kind, label in (("train", "inner step"), ("score", "scoring")):
+                x = r[kind]
+                rows.append([
+                    names.get(name, name), f"{label}, batch {x['batch']} x {r['seq_len']} tokens",
+                    f"{x['full_s']:.4f} s", f"{x['answer_s']:.4f} s", f"{x['speedup']:.2f}x",
+                    f"{x['logits_mib_full']:.1f} MiB -> {x['logits_mib_answer']:.2f} MiB",
+                ])  # fmt: skip
+        command = (
+            f"python bench/bench_answer_logits.py --models {args.models} "
+            f"--seq-len {args.seq_len} --reps {args.reps}"
+        )
+        header = ["model", "step", "logits at every position", "at the answer positions only"]
+        header += ["speed-up", "logits tensor"]
+        summary = {
+            **results_provenance(command),
+            "models": results,
+            "tables": [{"title": "", "header": header, "rows": rows}],
+        }
+        atomic_write_json(args.results, summary)
+        print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":

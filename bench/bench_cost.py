@@ -308,6 +308,7 @@ def main() -> None:
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--kl-dtype", default="float64", help=argparse.SUPPRESS)
+    parser.add_argument("--results", type=Path, help="also write the summary here (committed)")
     args = parser.parse_args()
     if args.worker:
         paths = json.loads(args.paths)
@@ -391,6 +392,64 @@ def main() -> None:
             f"{k:<18}{step[k]:>8.2f}{report['time_ratio'][k]:>8.2f}{peak[k]:>14.0f}"
             f"{100 * report['extra_peak_fraction'][k]:>+8.1f}%"
         )
+    if args.results:
+        from abmll_tune.report import results_provenance
+
+        labels = {
+            "torchtune_lora": "torchtune LoRA",
+            "abmll": "ABMLL, KL and prior in float64 (the library default)",
+            "abmll_kl_float32": "ABMLL, KL and prior in float32 (`model.kl_dtype: float32`, the shipped configs)",
+        }  # fmt: skip
+        cost_rows = [
+            [
+                labels[k],
+                f"{step[k]:.2f}",
+                f"{report['time_ratio'][k]:.2f}",
+                f"{report['time_ratio'][k] * 5 / 6:.2f}",
+                f"{peak[k]:.0f} MiB ({100 * report['extra_peak_fraction'][k]:+.1f}%)",
+            ]
+            for k in runs
+        ]
+        cost_rows[0][3] = "1.00"  # LoRA's steps are its steps
+        command = "python bench/bench_cost.py " + " ".join(
+            f"--{k} {getattr(args, k)}" for k in ("layers", "steps", "reps", "tasks")
+        )
+        summary = {
+            **results_provenance(command),
+            "model": report["model"],
+            "time_ratio": report["time_ratio"],
+            "extra_peak_fraction": report["extra_peak_fraction"],
+            "seconds_per_step": step,
+            "peak_rss_mib": peak,
+            "scaling": scaling,
+            "tables": [
+                {
+                    "title": f"{report['model']}, batch 2, {args.reps} alternating repetitions:",
+                    "header": [
+                        "recipe",
+                        "s / step",
+                        "x LoRA",
+                        "x LoRA, steps counted as v1 (6 per task)",
+                        "peak RSS while training",
+                    ],  # fmt: skip
+                    "rows": cost_rows,
+                },
+                {
+                    "title": "Memory and time per task against the number of meta-training tasks "
+                    "(tiny backbone, ABMLL, 20 questions per task):",
+                    "header": ["tasks", "s / task", "peak RSS"],
+                    "rows": [
+                        [
+                            str(x["n_tasks"]),
+                            f"{x['seconds_per_task']:.3f}",
+                            f"{x['peak_rss_mib']:.0f} MiB",
+                        ]
+                        for x in scaling
+                    ],  # fmt: skip
+                },
+            ],
+        }
+        atomic_write_json(args.results, summary)
     print("targets: time <= 1.2x torchtune LoRA, memory flat in the number of tasks")
     print(f"{'tasks':>6}{'s/task':>10}{'peak RSS MiB':>14}")
     for s in scaling:

@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument(
         "--shard", default="true,false", help="shard_base settings to measure (FSDP2 or replicated)"
     )
+    parser.add_argument("--results", type=Path, help="also write the summary here (committed)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     common = prepare(args.work.resolve())
@@ -123,6 +124,26 @@ def main() -> None:
 
     report = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "methods": rows}
     atomic_write_json(args.out, report)
+    if args.results:
+        from abmll_tune.report import results_provenance
+
+        command = "python bench/bench_distributed.py " + " ".join(
+            f"--{k} {getattr(args, k)}" for k in ("methods", "processes", "reps", "device", "shard")
+        )
+        header = ["method (base)"] + [f"{n} process(es) tasks/s" for n in counts]
+        header += [f"scaling efficiency at {n}" for n in counts[1:]]
+        table_rows = [
+            [method]
+            + [f"{by_n[str(n)]['tasks_per_second']:.1f}" for n in counts]
+            + [f"{by_n[str(n)]['scaling_efficiency']:.2f}" for n in counts[1:]]
+            for method, by_n in rows.items()
+        ]
+        summary = {
+            **results_provenance(command),
+            "methods": rows,
+            "tables": [{"title": "", "header": header, "rows": table_rows}],
+        }
+        atomic_write_json(args.results, summary)
     print(f"\nTask-parallel throughput ({args.device}, tiny backbone, medians of {args.reps})")
     print(f"{'method':<28}{'processes':>10}{'tasks/s':>10}{'efficiency':>12}")
     for method, by_n in rows.items():

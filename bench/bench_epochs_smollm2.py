@@ -147,19 +147,17 @@ def main() -> None:
         one_run(name, out, data, args.model_dir.resolve(), args)
         minutes[name] = (time.perf_counter() - t0) / 60
     table = {name: curve(out / name) for name in names}
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
+    from abmll_tune.report import results_provenance
+
     report = {
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": commit,
-        "command": "python bench/bench_epochs_smollm2.py --metaicl <MetaICL data> "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}"
-            for k, v in vars(args).items()
-            if k in ("methods", "seed", "steps", "validate_every", "val_tasks")
+        **results_provenance(
+            "python bench/bench_epochs_smollm2.py --metaicl <MetaICL data> "
+            + " ".join(
+                f"--{k.replace('_', '-')} {v}"
+                for k, v in vars(args).items()
+                if k in ("methods", "seed", "steps", "validate_every", "val_tasks")
+            )
         ),
-        "machine": "x86_64, 2 cores, CPU float32 (figures move with the CPU's floating point)",
         "minutes": (time.perf_counter() - start) / 60,
         "minutes_per_method": minutes,
         "note": f"SmolLM2-135M-Instruct, cls45 from the MetaICL files; visits_per_epoch: data "

@@ -17,7 +17,6 @@ paper-scale configs' std at several betas, the previous std (softabs, c = e^-20,
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from omegaconf import OmegaConf
 from abmll_tune.io import atomic_write_json
 from abmll_tune.methods.abmll import kl_pull_after_one_step
 from abmll_tune.models.one_layer import one_layer_model
+from abmll_tune.report import results_provenance
 
 REPO = Path(__file__).resolve().parents[1]
 E20 = 2.061153622438558e-09
@@ -85,14 +85,8 @@ def main() -> None:
             rows.append(row)
             print(f"{name:<13}{label:<14}{row['std_param']:<8}beta {beta:<8.0e}"
                   f"share {row['share']:.2e}  dominated {row['kl_dominated']:.2e}", flush=True)  # fmt: skip
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
     report = {
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": commit,
-        "command": f"python bench/bench_kl_pull.py --models {args.models}",
-        "machine": "x86_64, 2 cores, CPU float32 (figures move with the CPU's floating point)",
+        **results_provenance(f"python bench/bench_kl_pull.py --models {args.models}"),
         "minutes": (time.perf_counter() - start) / 60,
         "note": "one decoder layer per model shape, random W0 ~ N(0, 0.02^2), the config's "
         "adapted projections, random-token task (2 x 32), one AdamW step at the config's inner rates, then the KL's "

@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_results/kl_scale"))
     parser.add_argument("--pretrain-steps", type=int, default=600, help="the demo backbone's")
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES))
+    parser.add_argument("--results", type=Path, help="also write the summary here (committed)")
     args = parser.parse_args()
     start = time.perf_counter()
     out = args.out.resolve()
@@ -173,6 +174,30 @@ def main() -> None:
     from abmll_tune.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "kl_scale.json", report)
+    if args.results:
+        from abmll_tune.report import results_provenance
+
+        names = list(report["suites"]["embedded"])
+        rows = []
+        for name in names:
+            row = [name]
+            for suite in report["suites"].values():
+                r = suite[name]
+                row += [f"{r['accuracy']:.3f} +- {r['se']:.3f}",
+                        "" if name == "reptile" else f"{r['diff_vs_reptile']:+.3f} +- {r['diff_se']:.3f}"]  # fmt: skip
+            shares = [s[name]["kl_pull_share"] for s in report["suites"].values()]
+            row.append(" / ".join("n/a" if v is None else f"{v:.3f}" for v in shares))
+            rows.append(row)
+        header = ["std", "embedded", "- Reptile", "planted 0.5", "- Reptile"]
+        header += ["KL pull share (embedded / planted)"]
+        command = "python bench/bench_kl_scale.py --pretrain-steps " + str(args.pretrain_steps)
+        summary = {
+            **results_provenance(command),
+            "seeds": list(SEEDS),
+            "suites": report["suites"],
+            "tables": [{"title": "", "header": header, "rows": rows}],
+        }
+        atomic_write_json(args.results, summary)
     atomic_write_text(out / "kl_scale.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'kl_scale.md'} in {report['seconds']:.0f} s")

@@ -277,15 +277,14 @@ def main() -> None:
 
     atomic_write_json(args.out, report)
     if args.results:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
+        from abmll_tune.report import results_provenance
+
         summary_report = {
-            "date": report["date"],
-            "commit": commit,
-            "command": f"python bench/bench_layer.py --reps {args.reps} --steps {args.steps}",
-            "machine": f"x86_64 CPU, {torch.get_num_threads()} threads, float32 "
-            "(ratios move with the machine and its load)",
+            **results_provenance(
+                f"python bench/bench_layer.py --reps {args.reps} --steps {args.steps}",
+                f"x86_64 CPU, {torch.get_num_threads()} threads, float32 "
+                "(ratios move with the machine and its load)",
+            ),
             "config": "configs/llama3_8b_cls45.yaml (adapters, beta, gamma)",
             "adapters": PAPER_ADAPTERS,
             "beta": BETA,
