@@ -153,7 +153,8 @@ class RecipeSettings:
         10,
         doc="every N visits (the first included), the method's measurements of the visit's "
         "first batch before its inner steps, logged with it (ABMLL: `kl_pull/...`, the share "
-        "of the inner gradient that comes from beta KL; docs/method.md); null: off",
+        "of the inner gradient that comes from beta KL; docs/method.md), and its summaries "
+        "of the adapters (ABMLL: `sigma_theta/...`, a pass over every adapted weight); null: off",
         minimum=1,
     )
     log_peak_memory_stats: bool = setting(True, doc="log peak GPU memory (CPU: peak RSS)")

@@ -11,7 +11,7 @@ goes through the test protocol as ``abmll_calibrated`` in ``bench_methods.py``.
 
 Knobs (docs/method.md and the benchmark issue): the std learning rates, the
 initial sigma (``std_b_init_std``), the Gamma hyperprior's mode (``a0`` > 1), beta, the
-number of posterior samples while training. ``sigma_theta/mean`` (logged every visit)
+number of posterior samples while training. ``sigma_theta/mean`` (logged every ``diagnostics_every_n_visits`` visits)
 shows how far each moved sigma_theta from its floor.
 """
 

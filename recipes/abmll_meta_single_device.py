@@ -489,7 +489,7 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
                 progress.update(1)
                 progress.set_postfix(nll=f"{metrics['nll']:.3f}")
                 if self._is_rank_zero and (diagnose or self._log_due()):
-                    self._log(visit, metrics)
+                    self._log(visit, metrics, diagnose)
                 every = s.save_every_n_visits
                 if (every and self._visits_done % every == 0) or self._visits_done == stop_after:
                     self.save_checkpoint(epoch)
@@ -570,13 +570,14 @@ class MetaLearningRecipeSingleDevice(FTRecipeInterface):
         with open(path, "a") as f:
             f.write(json.dumps({**row, "task": visit.task}) + "\n")
 
-    def _log(self, visit, metrics: dict) -> None:
+    def _log(self, visit, metrics: dict, diagnose: bool) -> None:
         out = {k: v for k, v in metrics.items() if k != "seconds"}
         out[f"nll/{visit.task}"] = metrics["nll"]
         out["epoch"] = visit.epoch
         for group in self._learner.inner_optimizer.param_groups:
             out[f"lr/inner_{group.get('name', 'all')}"] = group["lr"]
-        out.update(self._method.log_metrics(self._model))
+        if diagnose:  # the method's summaries pass over every adapted weight: not every visit
+            out.update(self._method.log_metrics(self._model))
         if self._settings.log_peak_memory_stats:
             if self._device.type == "cuda":
                 out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self._device) / 2**30
