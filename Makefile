@@ -51,6 +51,7 @@ format: install
 
 bench: install
 	$(BIN)/python bench/bench_layer.py --out bench_results/layer.json --results docs/results/layer.json
+	$(BIN)/python bench/bench_layer.py --out bench_results/layer_softabs.json --variants lora,abmll_inner,abmll_full --std-param softabs --results docs/results/layer_softabs.json
 	$(BIN)/python bench/bench_kl_pull.py --results docs/results/kl_pull_layers.json
 	$(BIN)/python bench/bench_kl_scale.py --out bench_results/kl_scale --results docs/results/kl_scale.json
 	$(BIN)/python bench/bench_methods.py --out bench_results/methods --methods pretrained,lora,structured_lora,reptile,abmll --seeds 3 --results docs/results/methods.json

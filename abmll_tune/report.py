@@ -348,6 +348,19 @@ def curves_table(summary: dict) -> str:
             row.append(f"{acc:.3f} +- {acc_se:.3f} / {nll:.3f}")
         rows.append(row)
     markdown, _ = _table(header, rows)
+    if summary.get("paired"):  # per-task paired differences (one training seed)
+        labels = list(summary["paired"])
+        header = ["gradient steps"] + [f"{label}: accuracy" for label in labels]
+        rows = [
+            [str(step)]
+            + [
+                "{:+.3f} +- {:.3f}".format(*summary["paired"][label][str(step)]["accuracy"])
+                for label in labels
+            ]
+            for step in steps
+        ]
+        paired, _ = _table(header, rows)
+        markdown += "\nPaired by validation task (mean +- SE over the tasks):\n\n" + paired
     return markdown + _provenance(summary)
 
 
@@ -409,6 +422,8 @@ def layer_table(summary: dict) -> str:
     header += ["peak RSS vs LoRA", "saved for backward vs LoRA", "x 32 layers"]
     rows = []
     for key, label in LAYER_ROWS.items():
+        if key not in summary["summary"]:  # a run of some variants only
+            continue
         r = summary["summary"][key]
         rows.append(
             [

@@ -53,6 +53,7 @@ def results_tables(name: str, results_dir: Path = RESULTS_DIR) -> str:
 
     renderers = {"planted": planted_tables, "methods": benchmark_table, "epochs": curves_table}
     renderers.update(epochs_smollm2=curves_table, layer=layer_table, kl_pull_layers=kl_pull_table)
+    renderers["layer_softabs"] = layer_table
     # benchmarks that store their own tables with their summary
     renderers.update({k: summary_tables for k in ("cost", "distributed", "answer_logits")})
     renderers["kl_scale"] = summary_tables

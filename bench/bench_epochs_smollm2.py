@@ -68,6 +68,7 @@ def one_run(name: str, out: Path, data: Path, model_dir: Path, args) -> Path:
     if (run / "done").is_file():
         return run
     run.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     config, recipe = METHODS[name]
     cmd = [
         TUNE, "run", f"recipes/{recipe}", "--config", f"configs/{config}.yaml",
@@ -89,7 +90,11 @@ def one_run(name: str, out: Path, data: Path, model_dir: Path, args) -> Path:
         log.write("+ " + " ".join(cmd) + "\n")
         log.flush()
         subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    (run / "done").write_text("")
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    minutes = (time.perf_counter() - start) / 60  # the code the run trained with, and its time
+    (run / "done").write_text(json.dumps({"commit": commit, "minutes": minutes}))
     return run
 
 
@@ -115,6 +120,48 @@ def curve(run: Path) -> dict:
     return {"steps": steps, "accuracy": acc, "nll": nll, "best_step": [steps[best]]}
 
 
+def logged_diagnostics(run: Path) -> dict:
+    """ABMLL's logged diagnostics over the run: the KL's share of the inner gradient
+    (``kl_pull/share``) and sigma_theta's mean, first and last, min and max."""
+    out: dict[str, list[float]] = {}
+    for log in sorted((run / "logs").glob("*.txt")):
+        for item in log.read_text().split():
+            for key in ("kl_pull/share", "sigma_theta/mean"):
+                if item.startswith(key + ":"):
+                    out.setdefault(key, []).append(float(item.split(":", 1)[1]))
+    return {
+        k: {"first": v[0], "last": v[-1], "min": min(v), "max": max(v), "n": len(v)}
+        for k, v in out.items()
+    }
+
+
+def paired(runs: dict[str, Path]) -> dict:
+    """Per-task differences, mean +- SE over the validation tasks: each method against its
+    own step 0, and the first method minus the second at every validation."""
+    rows = {
+        name: [json.loads(x) for x in (run / "validation.jsonl").read_text().splitlines()]
+        for name, run in runs.items()
+    }
+
+    def diff(a: dict, b: dict, metric: str) -> list[float]:
+        return mean_se([a["per_task"][t][metric] - b["per_task"][t][metric] for t in b["per_task"]])
+
+    out = {
+        f"{name} - step 0": {
+            str(r["visits"] * STEPS_PER_VISIT): {m: diff(r, rs[0], m) for m in ("accuracy", "nll")}
+            for r in rs
+        }
+        for name, rs in rows.items()
+    }
+    if len(rows) == 2:
+        (a, ra), (b, rb) = rows.items()
+        out[f"{a} - {b}"] = {
+            str(x["visits"] * STEPS_PER_VISIT): {m: diff(x, y, m) for m in ("accuracy", "nll")}
+            for x, y in zip(ra, rb, strict=True)
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--metaicl", type=Path, required=True, help="MetaICL data folder")
@@ -138,15 +185,12 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     out = args.out.resolve()
-    start = time.perf_counter()
     data = out / "data" / "cls45_cpu"
     build_data(args.metaicl.resolve(), data)
-    minutes = {}
     for name in names:
-        t0 = time.perf_counter()
         one_run(name, out, data, args.model_dir.resolve(), args)
-        minutes[name] = (time.perf_counter() - t0) / 60
     table = {name: curve(out / name) for name in names}
+    done = {name: json.loads((out / name / "done").read_text()) for name in names}
     from abmll_tune.report import results_provenance
 
     report = {
@@ -158,14 +202,22 @@ def main() -> None:
                 if k in ("methods", "seed", "steps", "validate_every", "val_tasks")
             )
         ),
-        "minutes": (time.perf_counter() - start) / 60,
-        "minutes_per_method": minutes,
+        "minutes": sum(d["minutes"] for d in done.values()),
+        "minutes_per_method": {name: d["minutes"] for name, d in done.items()},
         "note": f"SmolLM2-135M-Instruct, cls45 from the MetaICL files; visits_per_epoch: data "
         f"cut at {args.steps} gradient steps; one training seed per method, mean +- SE over "
         f"{args.val_tasks} validation tasks (support seed 100, 5 steps of 2); x is gradient steps",
+        "trained_at": {name: d["commit"] for name, d in done.items()},
         "methods": table,
+        "paired": paired({name: out / name for name in names}),
+        "diagnostics": {name: logged_diagnostics(out / name) for name in names},
     }
     print(f"\nSmolLM2 cls45 validation, {args.steps} gradient steps ({report['minutes']:.0f} min)")
+    for label, by_step in report["paired"].items():
+        print(
+            label,
+            {k: f"{v['accuracy'][0]:+.3f} +- {v['accuracy'][1]:.3f}" for k, v in by_step.items()},
+        )
     print(f"{'method':<10}{'steps':>7}{'accuracy':>18}{'NLL':>18}")
     for name, c in table.items():
         for k, acc, nll in zip(c["steps"], c["accuracy"], c["nll"], strict=True):

@@ -121,7 +121,7 @@ def _dense_kl_and_prior(layers) -> torch.Tensor:
     return total
 
 
-def worker(variant: str, steps: int) -> dict:
+def worker(variant: str, steps: int, std_param: str) -> dict:
     from torchtune.models.llama3 import lora_llama3
 
     from abmll_tune.models import abmll_llama3
@@ -139,7 +139,8 @@ def worker(variant: str, steps: int) -> dict:
             p.requires_grad_("lora_" in name)
     else:
         kernel = "compiled" if variant.endswith("_compiled") else "eager"
-        model = abmll_llama3(TARGETS, **PAPER_ADAPTERS, kl_kernel=kernel, **SHAPE)
+        adapters = {**PAPER_ADAPTERS, "std_param": std_param}
+        model = abmll_llama3(TARGETS, **adapters, kl_kernel=kernel, **SHAPE)
         variant = variant.removesuffix("_compiled")
     block = model.layers[0]
     del model.tok_embeddings, model.output
@@ -196,16 +197,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per repetition")
     parser.add_argument("--out", type=Path, default=Path("bench_results/layer.json"))
     parser.add_argument("--results", type=Path, help="also write the summary here (committed)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    parser.add_argument(
+        "--std-param", default=PAPER_ADAPTERS["std_param"], help="the std's form (the config's)"
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps)))
+        print(json.dumps(worker(args.worker, args.steps, args.std_param)))
         return
 
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    variants = args.variants.split(",")
+    if unknown := sorted(set(variants) - set(VARIANTS)):
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     for rep in range(args.reps):
-        for variant in VARIANTS:
+        for variant in variants:
             cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps)]
+            cmd += ["--std-param", args.std_param]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"worker {variant} failed:\n{proc.stderr[-3000:]}")
@@ -230,25 +239,31 @@ def main() -> None:
             / mib,
             "saved_for_backward_mib": results[0]["saved_for_backward_bytes"] / mib,
         }
-    inner, full = summary["abmll_inner"], summary["abmll_full"]
-    summary["abmll_cycle"] = {
-        "median_step_seconds": (
-            INNER_STEPS * inner["median_step_seconds"] + full["median_step_seconds"]
-        )
-        / (INNER_STEPS + 1),
-        "min_step_seconds": (INNER_STEPS * inner["min_step_seconds"] + full["min_step_seconds"])
-        / (INNER_STEPS + 1),
-        "median_cpu_seconds": (
-            INNER_STEPS * inner["median_cpu_seconds"] + full["median_cpu_seconds"]
-        )
-        / (INNER_STEPS + 1),
-        "median_extra_peak_rss_mib": max(
-            inner["median_extra_peak_rss_mib"], full["median_extra_peak_rss_mib"]
-        ),
-        "saved_for_backward_mib": max(
-            inner["saved_for_backward_mib"], full["saved_for_backward_mib"]
-        ),
-    }
+    inner, full = summary.get("abmll_inner"), summary.get("abmll_full")
+    cycle = (
+        {}
+        if inner is None or full is None
+        else {
+            "median_step_seconds": (
+                INNER_STEPS * inner["median_step_seconds"] + full["median_step_seconds"]
+            )
+            / (INNER_STEPS + 1),
+            "min_step_seconds": (INNER_STEPS * inner["min_step_seconds"] + full["min_step_seconds"])
+            / (INNER_STEPS + 1),
+            "median_cpu_seconds": (
+                INNER_STEPS * inner["median_cpu_seconds"] + full["median_cpu_seconds"]
+            )
+            / (INNER_STEPS + 1),
+            "median_extra_peak_rss_mib": max(
+                inner["median_extra_peak_rss_mib"], full["median_extra_peak_rss_mib"]
+            ),
+            "saved_for_backward_mib": max(
+                inner["saved_for_backward_mib"], full["saved_for_backward_mib"]
+            ),
+        }
+    )
+    if cycle:
+        summary["abmll_cycle"] = cycle
     lora = summary["lora"]
     for row in summary.values():
         row["time_ratio_vs_lora"] = row["median_step_seconds"] / lora["median_step_seconds"]
@@ -281,12 +296,13 @@ def main() -> None:
 
         summary_report = {
             **results_provenance(
-                f"python bench/bench_layer.py --reps {args.reps} --steps {args.steps}",
+                f"python bench/bench_layer.py --reps {args.reps} --steps {args.steps} "
+                f"--variants {args.variants} --std-param {args.std_param}",
                 f"x86_64 CPU, {torch.get_num_threads()} threads, float32 "
                 "(ratios move with the machine and its load)",
             ),
             "config": "configs/llama3_8b_cls45.yaml (adapters, beta, gamma)",
-            "adapters": PAPER_ADAPTERS,
+            "adapters": {**PAPER_ADAPTERS, "std_param": args.std_param},
             "beta": BETA,
             "gamma": GAMMA,
             "shape": SHAPE,
