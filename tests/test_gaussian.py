@@ -16,7 +16,7 @@ from abmll_tune.modules.gaussian import (
     weight_space_noise,
 )
 
-STD_PARAMS = ["softabs", "affine", "exp"]
+STD_PARAMS = list(gaussian.STD_FORMS)  # every registered form, a new one included
 F64 = torch.float64
 
 

@@ -1,4 +1,4 @@
-"""A method added the way docs/training.md "Adding a method" says: this one file, nothing else.
+"""A method added the way docs/extending.md "Adding a method" says: this one file, nothing else.
 
 Zero-shot: no inner step updates anything (the NLL is only measured), no outer step;
 evaluation scores the model with its adapter as initialised (B = 0: the base model).

@@ -1,6 +1,6 @@
 """The methods, one module each; every one runs through the same loop
 (:class:`abmll_tune.meta.MetaLearner`). See :mod:`abmll_tune.methods.base` for the
-interface and docs/training.md "Adding a method" for a worked example.
+interface and docs/extending.md "Adding a method" for a worked example.
 
 ==========================  =========================  ===================================
 component                   name (``method: <name>``)  module

@@ -21,7 +21,7 @@ component::
       _component_: abmll_tune.methods.ABMLL
       beta: 1.0e-6
 
-A new method is one subclass in one new file (docs/training.md "Adding a method"); a subclass
+A new method is one subclass in one new file (docs/extending.md "Adding a method"); a subclass
 registers its ``name`` on import, so ``method: <name>`` also works once its module is
 imported (the built-in methods are imported by :mod:`abmll_tune.methods`).
 """
