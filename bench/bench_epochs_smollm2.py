@@ -30,10 +30,14 @@ from bench_epochs import plot
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")
-# name -> (config, recipe); both take K = 5 inner steps per visit
+# the std every config used before 2026-12-06 (softabs, c = e^-20): the comparison row
+E20 = ["model.std_param=softabs", "model.sigma_floor=2.061153622438558e-09",
+       "model.sigma_floor_w0_fraction=null"]  # fmt: skip
+# name -> (config, recipe, overrides); all take K = 5 inner steps per visit
 METHODS = {
-    "reptile": ("smollm2_135m_cls45_reptile", "reptile_single_device"),
-    "abmll": ("smollm2_135m_cls45", "abmll_meta_single_device"),
+    "reptile": ("smollm2_135m_cls45_reptile", "reptile_single_device", []),
+    "abmll": ("smollm2_135m_cls45", "abmll_meta_single_device", []),
+    "abmll_softabs_c_e-20": ("smollm2_135m_cls45", "abmll_meta_single_device", E20),
 }
 STEPS_PER_VISIT = 5
 
@@ -69,12 +73,21 @@ def one_run(name: str, out: Path, data: Path, model_dir: Path, args) -> Path:
         return run
     run.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    config, recipe = METHODS[name]
+    config, recipe, overrides = METHODS[name]
+    # --steps 0: the untrained adapters, validated before the first visit (the run stops
+    # after that visit, whose diagnostics log the KL's pull)
+    length = (
+        ["stop_after_visits=1", "validate_every_n_visits=null"]
+        if args.steps == 0
+        else [
+            f"max_steps_per_epoch={args.steps}",
+            f"validate_every_n_visits={args.validate_every // STEPS_PER_VISIT}",
+        ]
+    )
     cmd = [
         TUNE, "run", f"recipes/{recipe}", "--config", f"configs/{config}.yaml",
         f"output_dir={run}", f"seed={args.seed}", "epochs=1", "visits_per_epoch=data",
-        f"max_steps_per_epoch={args.steps}",
-        f"validate_every_n_visits={args.validate_every // STEPS_PER_VISIT}",
+        *length, *overrides,
         f"validation.max_tasks={args.val_tasks}", "validation.seeds=[100]",
         f"data.path={data}", f"checkpointer.checkpoint_dir={model_dir}",
         f"tokenizer.path={model_dir / 'tokenizer.json'}",
@@ -137,7 +150,7 @@ def logged_diagnostics(run: Path) -> dict:
 
 def paired(runs: dict[str, Path]) -> dict:
     """Per-task differences, mean +- SE over the validation tasks: each method against its
-    own step 0, and the first method minus the second at every validation."""
+    own step 0, and the first method minus each other one at every validation."""
     rows = {
         name: [json.loads(x) for x in (run / "validation.jsonl").read_text().splitlines()]
         for name, run in runs.items()
@@ -153,8 +166,8 @@ def paired(runs: dict[str, Path]) -> dict:
         }
         for name, rs in rows.items()
     }
-    if len(rows) == 2:
-        (a, ra), (b, rb) = rows.items()
+    (a, ra), *others = rows.items()
+    for b, rb in others:
         out[f"{a} - {b}"] = {
             str(x["visits"] * STEPS_PER_VISIT): {m: diff(x, y, m) for m in ("accuracy", "nll")}
             for x, y in zip(ra, rb, strict=True)
@@ -169,7 +182,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_results/epochs_smollm2"))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=600, help="gradient steps per method")
+    parser.add_argument(
+        "--steps", type=int, default=600, help="gradient steps per method (0: untrained only)"
+    )
     parser.add_argument("--validate-every", type=int, default=120, help="gradient steps")
     parser.add_argument("--val-tasks", type=int, default=6, help="selection tasks validated")
     parser.add_argument("--threads", type=int, default=2)
@@ -204,8 +219,13 @@ def main() -> None:
         ),
         "minutes": sum(d["minutes"] for d in done.values()),
         "minutes_per_method": {name: d["minutes"] for name, d in done.items()},
-        "note": f"SmolLM2-135M-Instruct, cls45 from the MetaICL files; visits_per_epoch: data "
-        f"cut at {args.steps} gradient steps; one training seed per method, mean +- SE over "
+        "note": "SmolLM2-135M-Instruct, cls45 from the MetaICL files; "
+        + (
+            f"visits_per_epoch: data cut at {args.steps} gradient steps; "
+            if args.steps
+            else "the untrained adapters (validated before the first visit); "
+        )
+        + f"one training seed per method, mean +- SE over "
         f"{args.val_tasks} validation tasks (support seed 100, 5 steps of 2); x is gradient steps",
         "trained_at": {name: d["commit"] for name, d in done.items()},
         "methods": table,
@@ -222,12 +242,13 @@ def main() -> None:
     for name, c in table.items():
         for k, acc, nll in zip(c["steps"], c["accuracy"], c["nll"], strict=True):
             print(f"{name:<10}{k:>7}{acc[0]:>10.3f} +- {acc[1]:.3f}{nll[0]:>10.3f} +- {nll[1]:.3f}")
-    plot(
-        table,
-        REPO / args.figure if not args.figure.is_absolute() else args.figure,
-        title="SmolLM2-135M, cls-45: validation over training (mean +- SE over tasks)",
-        marker=None,
-    )
+    if args.steps:  # a curve needs more than the untrained point
+        plot(
+            table,
+            REPO / args.figure if not args.figure.is_absolute() else args.figure,
+            title="SmolLM2-135M, cls-45: validation over training (mean +- SE over tasks)",
+            marker=None,
+        )
     if args.results:
         from abmll_tune.io import atomic_write_json
 

@@ -43,6 +43,13 @@ EB_OVERRIDES = [
     "method.gamma=0.0",
 ]
 
+# softabs with c = e^-20: the std the configs used before the KL-scale benchmark
+E20 = [
+    "model.std_param=softabs",
+    "model.sigma_floor=2.061153622438558e-09",
+    "model.sigma_floor_w0_fraction=null",
+]
+
 # name -> (training config, overrides); None for the pretrained backbone alone
 METHODS: dict[str, tuple[str, list[str]] | None] = {
     "pretrained": None,
@@ -53,12 +60,14 @@ METHODS: dict[str, tuple[str, list[str]] | None] = {
     "abmll_first_order": ("tiny_cpu_abmll", ["method.outer_grad=first_order"]),
     "abmll_kl_only": ("tiny_cpu_abmll", ["method.outer_grad=kl_only"]),
     "abmll_eb": ("tiny_cpu_abmll", EB_OVERRIDES),
-    "abmll_v1": (
+    # the std every tiny config used before 2026-12-06, and softabs at today's c
+    "abmll_softabs_c_e-20": ("tiny_cpu_abmll", E20),
+    "abmll_softabs_c_0.1rms": ("tiny_cpu_abmll", ["model.std_param=softabs"]),
+    # the paper's values (v1): its std (softabs, c = e^-20, B_std = 0), beta and gamma
+    "abmll_paper_values": (
         "tiny_cpu_abmll",
-        ["method.beta=5e-10", "method.gamma=1e-6", "model.std_b_init_std=0.0"],
+        [*E20, "model.std_b_init_std=0.0", "method.beta=5e-10", "method.gamma=1e-6"],
     ),
-    # the setting bench/calibration_sweep.py chose on the validation tasks
-    "abmll_calibrated": ("tiny_cpu_abmll", ["method.train_samples=4"]),
     "reptile_metaicl": ("tiny_cpu_reptile_metaicl", []),
     "abmll_metaicl": ("tiny_cpu_abmll_metaicl", []),
 }
@@ -202,8 +211,39 @@ def summarize(out: Path, names: list[str], n_seeds: int) -> dict:
             label = name if key in (f"{rows[0]['default_variant']}@0",) else f"{name} [{key[:-2]}]"
             table[label] = {m: {"mean": v[0], "se": v[1]} for m, v in values.items()}
             table[label]["best_epochs"] = [r["checkpoint_epoch"] for r in rows]
+            table[label]["per_seed_accuracy"] = [
+                next(iter(r["metrics"][key]["macro"].values()))["accuracy"] for r in rows
+            ]
+        sigma = [last_logged(out / f"{name}_seed{i}", "sigma_theta/mean") for i in range(n_seeds)]
+        if all(v is not None for v in sigma):  # the global std at the end of training
+            m, se = mean_and_se(sigma)
+            table[name]["sigma_theta_mean_last"] = {"mean": m, "se": se}
         table.setdefault("_chance", {"accuracy": rows[0]["chance_accuracy"]})
     return table
+
+
+def last_logged(run: Path, key: str) -> float | None:
+    """The last value of ``key`` in a run's metric logs (None when never logged)."""
+    found = None
+    for log in sorted((run / "logs").glob("*.txt")):
+        for item in log.read_text().split():
+            if item.startswith(key + ":"):
+                found = float(item.split(":", 1)[1])
+    return found
+
+
+def paired_against(table: dict, reference: str, names: list[str]) -> dict:
+    """Each method's accuracy minus the reference's, paired by training seed (seed i of
+    both shares its support seed): mean +- SE over the seeds."""
+    from abmll_tune.metrics import mean_and_se
+
+    ref = table[reference]["per_seed_accuracy"]
+    out = {}
+    for name in names:
+        if name != reference:
+            d = [a - b for a, b in zip(table[name]["per_seed_accuracy"], ref, strict=True)]
+            out[f"{name} - {reference}"] = dict(zip(("mean", "se"), mean_and_se(d), strict=True))
+    return out
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, seeds: int) -> None:
@@ -230,12 +270,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_results/methods"))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--results", type=Path, help="also write the summary here (committed)")
+    parser.add_argument(
+        "--paired-against", help="also report every method's accuracy minus this one's, by seed"
+    )
     add_run_arguments(parser, seeds=3)
     args = parser.parse_args()
+    names = args.methods.split(",")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    if args.paired_against and args.paired_against not in names:
+        parser.error(f"--paired-against {args.paired_against}: not among --methods {names}")
     out = args.out.resolve()
     start = time.perf_counter()
     common = prepare(out, args.pretrain_steps)
-    names = args.methods.split(",")
     run_all(one_run, names, args, out, common)
     table = summarize(out, names, args.seeds)
     chance = table.pop("_chance")["accuracy"]
@@ -248,6 +296,8 @@ def main() -> None:
         "chance_accuracy": chance,
         "methods": table,
     }
+    if args.paired_against:
+        report["paired_accuracy"] = paired_against(table, args.paired_against, names)
     report["validation"] = {
         name: [
             [r["accuracy"] for r in map(json.loads, (out / f"{name}_seed{i}" / "validation.jsonl")
