@@ -55,13 +55,18 @@ bench: install
 	$(BIN)/python bench/bench_kl_pull.py --results docs/results/kl_pull_layers.json
 	$(BIN)/python bench/bench_kl_scale.py --out bench_results/kl_scale --results docs/results/kl_scale.json
 	$(BIN)/python bench/bench_methods.py --out bench_results/methods --methods pretrained,lora,structured_lora,reptile,abmll --seeds 3 --results docs/results/methods.json
+	$(BIN)/python bench/bench_methods.py --out bench_results/methods --methods abmll,abmll_softabs_c_0.1rms,abmll_softabs_c_e-20,abmll_paper_values,abmll_kl_only,reptile --seeds 3 --paired-against abmll --results docs/results/methods_std.json
+	$(BIN)/python bench/bench_methods.py --out bench_results/methods --methods abmll,abmll_eb --seeds 3 --workers 1 --results docs/results/methods_eb.json
+	$(BIN)/python bench/bench_outer_grad_toy.py --results docs/results/outer_grad_toy.json
 	$(BIN)/python bench/bench_epochs.py --out bench_results/epochs --results docs/results/epochs.json
 	$(BIN)/python bench/bench_planted.py --out bench_results/planted --spreads 1,2 --seeds 5 --results docs/results/planted.json
 	$(BIN)/python bench/planted_protocols.py --root bench_results/planted/spread1 --results docs/results/planted_protocols.json
 	$(BIN)/python bench/bench_cost.py --out bench_results/cost.json --results docs/results/cost.json
 	$(BIN)/python bench/bench_distributed.py --out bench_results/distributed.json --results docs/results/distributed.json
 	$(BIN)/python bench/bench_answer_logits.py --out bench_results/answer_logits.json --results docs/results/answer_logits.json
-	@echo "SmolLM2 on cls-45 needs the MetaICL files: python bench/bench_epochs_smollm2.py --metaicl DIR --results docs/results/epochs_smollm2.json"
+	@echo "SmolLM2 on cls-45 needs the MetaICL files (make smollm2 first):"
+	@echo "  python bench/bench_epochs_smollm2.py --metaicl DIR --results docs/results/epochs_smollm2.json"
+	@echo "  python bench/bench_epochs_smollm2.py --metaicl DIR --methods reptile,abmll,abmll_softabs_c_e-20 --steps 0 --out bench_results/untrained_smollm2 --results docs/results/untrained_std_smollm2.json"
 
 # The prepared GPU check (docs/gpu.md): one command, about 8 minutes on one H100/H200.
 gpu-check: install

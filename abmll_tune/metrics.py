@@ -105,6 +105,14 @@ def all_metrics(probs, gold) -> dict[str, float]:
     }
 
 
+def mean_categorical_kl(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean over rows of KL(p_row || q_row) in nats; rows padded with zeros (options a
+    question lacks, :func:`pad_probs`) contribute nothing where p is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
+    return float(np.nansum(terms, axis=1).mean())
+
+
 def pad_probs(rows: Sequence[Sequence[float]]) -> np.ndarray:
     """Rows of different option counts as one NaN-padded array."""
     width = max(len(r) for r in rows)

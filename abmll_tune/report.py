@@ -310,25 +310,59 @@ def _curve(plt, runs, results, path: Path, xlabel: str, points) -> Path:
 def benchmark_table(summary: dict) -> str:
     """The Markdown table of a committed method-benchmark summary
     (``bench/bench_methods.py --results``, ``docs/results/methods.json``): every method's
-    default variant, mean +- SE over the training seeds, with where it comes from."""
+    default variant, mean +- SE over the training seeds, with where it comes from; the
+    global std at the end of training where it was logged, and the paired differences
+    where the benchmark computed them (``--paired-against``)."""
+    methods = {name: m for name, m in summary["methods"].items() if "[" not in name}
+    with_sigma = any("sigma_theta_mean_last" in m for m in methods.values())
+
+    def cell(value: dict | None, digits: int = 3) -> str:
+        return "" if value is None else f"{value['mean']:.{digits}f} +- {value['se']:.{digits}f}"
+
     rows = [
-        [
-            name,
-            *(
-                f"{summary['methods'][name][m]['mean']:.3f} +- {summary['methods'][name][m]['se']:.3f}"
-                for m in ("accuracy", "ece", "nll")
-            ),
-        ]
-        for name in summary["methods"]
-        if "[" not in name
+        [name, *(cell(m[k]) for k in ("accuracy", "ece", "nll"))]
+        + ([cell(m.get("sigma_theta_mean_last"), 4)] if with_sigma else [])
+        for name, m in methods.items()
     ]
-    markdown, _ = _table(["method", "accuracy", "ECE", "NLL"], rows)
+    header = ["method", "accuracy", "ECE", "NLL"] + (["sigma_theta (end)"] if with_sigma else [])
+    markdown, _ = _table(header, rows)
+    if summary.get("paired_accuracy"):
+        paired, _ = _table(
+            ["paired by training seed", "accuracy"],
+            [[label, cell(d)] for label, d in summary["paired_accuracy"].items()],
+        )
+        markdown += "\n" + paired
     return (
         markdown
         + f"\n{summary['seeds']} training seeds (each with its own support seed), 30 held-out "
         f"test tasks, chance {summary['chance_accuracy']:.3f}; {summary['date']}, commit "
         f"{(summary.get('commit') or '?')[:7]}, {summary['machine']}: "
         f"`{summary['command']}`\n"
+    )
+
+
+def planted_protocols_table(summary: dict) -> str:
+    """The Markdown table of ``bench/planted_protocols.py --results``: excess NLL after K =
+    1 / 5 / 16 support examples per adaptation candidate (rows) and model (columns)."""
+    models = summary["models"]
+    candidates = list(summary["candidates"])
+    rows = []
+    for c in candidates:
+        row = [f"{c} (`{' '.join(summary['candidates'][c])}`)"]
+        for by_candidate in models.values():
+            by_k = by_candidate.get(c)
+            row.append(
+                ""
+                if by_k is None
+                else " / ".join(f"{by_k[k]['excess_nll'][0]:.3f}" for k in ("1", "5", "16"))
+            )
+        rows.append(row)
+    markdown, _ = _table(["candidate (planted_eval options)", *models], rows)
+    return (
+        "Excess NLL at K = 1 / 5 / 16, mean over the support seeds "
+        f"({summary['support_seeds']}; SEs and accuracies in the file):\n\n"
+        + markdown
+        + _provenance(summary)
     )
 
 

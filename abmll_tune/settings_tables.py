@@ -48,15 +48,18 @@ def results_tables(name: str, results_dir: Path = RESULTS_DIR) -> str:
         curves_table,
         kl_pull_table,
         layer_table,
+        planted_protocols_table,
         summary_tables,
     )
 
     renderers = {"planted": planted_tables, "methods": benchmark_table, "epochs": curves_table}
     renderers.update(epochs_smollm2=curves_table, layer=layer_table, kl_pull_layers=kl_pull_table)
     renderers["layer_softabs"] = layer_table
+    renderers.update(methods_eb=benchmark_table, methods_std=benchmark_table)
+    renderers["planted_protocols"] = planted_protocols_table
     # benchmarks that store their own tables with their summary
-    renderers.update({k: summary_tables for k in ("cost", "distributed", "answer_logits")})
-    renderers["kl_scale"] = summary_tables
+    stored = ("cost", "distributed", "answer_logits", "kl_scale", "untrained_std_smollm2")
+    renderers.update({k: summary_tables for k in (*stored, "outer_grad_toy")})
     if name not in renderers:
         raise KeyError(f"a marker names unknown results {name!r}")
     path = results_dir / f"{name}.json"

@@ -210,9 +210,8 @@ def worker_abmll(
     dtype: str = "fp32",
     kl_dtype: str = "float64",
 ) -> dict:
+    from abmll_tune.recipes.abmll_meta_single_device import MetaLearningRecipeSingleDevice
     from omegaconf import OmegaConf
-
-    from recipes.abmll_meta_single_device import MetaLearningRecipeSingleDevice
 
     cfg = OmegaConf.load(REPO / "configs" / "tiny_cpu_abmll.yaml")
     visits = max(1, steps // 5)
@@ -283,7 +282,7 @@ def worker_scaling(paths: dict, n_tasks: int) -> dict:
 
 
 def _spawn(args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TIKTOKEN_CACHE_DIR": ""}
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": ""}
     proc = subprocess.run(
         [sys.executable, __file__, *args], capture_output=True, text=True, env=env
     )

@@ -63,7 +63,7 @@ def throughput(
     method: str, processes: int, shard: bool, device: str, common: list[str], work: Path
 ) -> float:
     out = Path(tempfile.mkdtemp(dir=work, prefix=f"{method}_{processes}_"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TIKTOKEN_CACHE_DIR": "", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": "", "OMP_NUM_THREADS": "1"}
     cmd = [TUNE, "run", "--nproc_per_node", str(processes), "--standalone"]
     cmd += ["recipes/abmll_meta_distributed", "--config"]
     cmd += [f"configs/tiny_cpu_{method}_distributed.yaml", f"output_dir={out}", *common]

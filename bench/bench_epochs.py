@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench_methods import REPO, TUNE, _run, prepare
+from abmll_tune.benchmarking import TUNE, plot_curves, prepare_embedded, run_logged
+from abmll_tune.metrics import mean_and_se
+
+REPO = Path(__file__).resolve().parents[1]
 
 # name -> (config, recipe, gradient steps per visit)
 METHODS = {
@@ -56,7 +58,7 @@ def one_run(name: str, seed: int, out: Path, common: list[str], args) -> Path:
         if (run / "checkpoints" / "latest").is_dir()
         else "overwrite_output_dir=true"
     )
-    _run(cmd, run / "bench.log")
+    run_logged(cmd, run / "bench.log", REPO)
     done.write_text("")
     return run
 
@@ -74,11 +76,7 @@ def curves(out: Path, name: str, seeds: int) -> dict:
     steps = sorted(set.intersection(*(set(s) for s in per_seed)))
 
     def mean_se(values: list[float]) -> list[float]:
-        m = sum(values) / len(values)
-        if len(values) < 2:
-            return [m, float("nan")]
-        var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
-        return [m, math.sqrt(var / len(values))]
+        return list(mean_and_se(values))
 
     return {
         "steps": steps,
@@ -86,37 +84,6 @@ def curves(out: Path, name: str, seeds: int) -> dict:
         "nll": [mean_se([s[k]["nll"] for s in per_seed]) for k in steps],
         "best_step": [max(s, key=lambda k: s[k]["accuracy"]) for s in per_seed],
     }
-
-
-def plot(
-    table: dict,
-    path: Path,
-    title: str = "Embedded suite: validation over a data epoch (mean +- SE over seeds)",
-    marker: int | None = 200,
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, c in table.items():
-        for ax, metric in zip(axes, ("accuracy", "nll"), strict=True):
-            m = [v[0] for v in c[metric]]
-            se = [v[1] for v in c[metric]]
-            ax.errorbar(c["steps"], m, yerr=se, label=name, capsize=2)
-            ax.set_xlabel("gradient steps")
-            ax.set_ylabel(f"validation {metric}")
-    for ax in axes:
-        if marker is not None:  # one `tasks` epoch of a meta-learner
-            ax.axvline(marker, color="grey", lw=0.8, ls=":")
-    axes[0].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    tmp.replace(path)
 
 
 def main() -> None:
@@ -133,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out.resolve()
     start = time.perf_counter()
-    common = prepare(out, args.pretrain_steps)
+    common = prepare_embedded(out, args.pretrain_steps)
     names = args.methods.split(",")
     unknown = [n for n in names if n not in METHODS]
     if unknown:
@@ -167,7 +134,12 @@ def main() -> None:
     for name, c in table.items():
         for k, acc, nll in zip(c["steps"], c["accuracy"], c["nll"], strict=True):
             print(f"{name:<10}{k:>7}{acc[0]:>10.3f} +- {acc[1]:.3f}{nll[0]:>10.3f} +- {nll[1]:.3f}")
-    plot(table, REPO / args.figure if not args.figure.is_absolute() else args.figure)
+    plot_curves(
+        table,
+        REPO / args.figure if not args.figure.is_absolute() else args.figure,
+        title="Embedded suite: validation over a data epoch (mean +- SE over seeds)",
+        marker=200,  # one `tasks` epoch of a meta-learner
+    )
     if args.results:
         from abmll_tune.io import atomic_write_json
 

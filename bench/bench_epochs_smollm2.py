@@ -19,25 +19,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_epochs import plot
+from abmll_tune.benchmarking import (
+    STD_SOFTABS_E20,
+    TUNE,
+    logged_diagnostics,
+    plot_curves,
+    run_logged,
+)
+from abmll_tune.metrics import mean_and_se
 
 REPO = Path(__file__).resolve().parents[1]
-TUNE = str(Path(sys.executable).parent / "tune")
-# the std every config used before 2026-12-06 (softabs, c = e^-20): the comparison row
-E20 = ["model.std_param=softabs", "model.sigma_floor=2.061153622438558e-09",
-       "model.sigma_floor_w0_fraction=null"]  # fmt: skip
 # name -> (config, recipe, overrides); all take K = 5 inner steps per visit
 METHODS = {
     "reptile": ("smollm2_135m_cls45_reptile", "reptile_single_device", []),
     "abmll": ("smollm2_135m_cls45", "abmll_meta_single_device", []),
-    "abmll_softabs_c_e-20": ("smollm2_135m_cls45", "abmll_meta_single_device", E20),
+    "abmll_softabs_c_e-20": ("smollm2_135m_cls45", "abmll_meta_single_device", STD_SOFTABS_E20),
 }
 STEPS_PER_VISIT = 5
 
@@ -98,11 +99,7 @@ def one_run(name: str, out: Path, data: Path, model_dir: Path, args) -> Path:
         if (run / "checkpoints" / "latest").is_dir()
         else "overwrite_output_dir=true"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    with open(run / "bench.log", "a") as log:
-        log.write("+ " + " ".join(cmd) + "\n")
-        log.flush()
-        subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    run_logged(cmd, run / "bench.log", REPO, threads=args.threads)
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
     ).stdout.strip()
@@ -112,39 +109,40 @@ def one_run(name: str, out: Path, data: Path, model_dir: Path, args) -> Path:
 
 
 def mean_se(values: list[float]) -> list[float]:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return [m, float("nan")]
-    return [m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))]
+    return list(mean_and_se(values))
 
 
 def curve(run: Path) -> dict:
     """Gradient steps -> [mean, se] over the validation tasks (one training seed)."""
     rows = [json.loads(x) for x in (run / "validation.jsonl").read_text().splitlines()]
-    steps, acc, nll = [], [], []
+    steps, metrics = [], {"accuracy": [], "nll": [], "ece": []}
     for row in sorted(rows, key=lambda r: r["visits"]):
-        tasks = row.get("per_task") or {}
-        per_acc = [t["accuracy"] for t in tasks.values()] or [row["accuracy"]]
-        per_nll = [t["nll"] for t in tasks.values()] or [row["nll"]]
+        tasks = list((row.get("per_task") or {}).values())
         steps.append(row["visits"] * STEPS_PER_VISIT)
-        acc.append(mean_se(per_acc))
-        nll.append(mean_se(per_nll))
-    best = max(range(len(steps)), key=lambda i: acc[i][0])
-    return {"steps": steps, "accuracy": acc, "nll": nll, "best_step": [steps[best]]}
+        for metric, values in metrics.items():
+            values.append(mean_se([t[metric] for t in tasks] or [row[metric]]))
+    best = max(range(len(steps)), key=lambda i: metrics["accuracy"][i][0])
+    return {"steps": steps, **metrics, "best_step": [steps[best]]}
 
 
-def logged_diagnostics(run: Path) -> dict:
-    """ABMLL's logged diagnostics over the run: the KL's share of the inner gradient
-    (``kl_pull/share``) and sigma_theta's mean, first and last, min and max."""
-    out: dict[str, list[float]] = {}
-    for log in sorted((run / "logs").glob("*.txt")):
-        for item in log.read_text().split():
-            for key in ("kl_pull/share", "sigma_theta/mean"):
-                if item.startswith(key + ":"):
-                    out.setdefault(key, []).append(float(item.split(":", 1)[1]))
+def untrained_table(report: dict) -> dict:
+    """The untrained adapters (``--steps 0``): one row per method, as a stored table."""
+    first, *_ = report["methods"]
+    rows = []
+    for name, c in report["methods"].items():
+        acc, ece, nll = c["accuracy"][0], c["ece"][0], c["nll"][0]
+        share = report["diagnostics"][name].get("kl_pull/share", {}).get("first")
+        diff = report["paired"].get(f"{first} - {name}", {}).get("0", {}).get("accuracy")
+        rows.append([
+            name, f"{acc[0]:.3f} +- {acc[1]:.3f}", f"{ece[0]:.3f} +- {ece[1]:.3f}",
+            f"{nll[0]:.3f} +- {nll[1]:.3f}", "" if share is None else f"{share:.2g}",
+            "" if diff is None else f"{-diff[0]:+.3f} +- {diff[1]:.3f}",
+        ])  # fmt: skip
     return {
-        k: {"first": v[0], "last": v[-1], "min": min(v), "max": max(v), "n": len(v)}
-        for k, v in out.items()
+        "title": "The untrained adapters on the validation tasks (mean +- SE over the tasks; "
+        f"paired by task against {first}; the KL's share of the first visit's inner gradient)",
+        "header": ["method", "accuracy", "ECE", "NLL", "KL pull share", f"- {first}: accuracy"],
+        "rows": rows,
     }
 
 
@@ -232,6 +230,8 @@ def main() -> None:
         "paired": paired({name: out / name for name in names}),
         "diagnostics": {name: logged_diagnostics(out / name) for name in names},
     }
+    if args.steps == 0:
+        report["tables"] = [untrained_table(report)]
     print(f"\nSmolLM2 cls45 validation, {args.steps} gradient steps ({report['minutes']:.0f} min)")
     for label, by_step in report["paired"].items():
         print(
@@ -243,7 +243,7 @@ def main() -> None:
         for k, acc, nll in zip(c["steps"], c["accuracy"], c["nll"], strict=True):
             print(f"{name:<10}{k:>7}{acc[0]:>10.3f} +- {acc[1]:.3f}{nll[0]:>10.3f} +- {nll[1]:.3f}")
     if args.steps:  # a curve needs more than the untrained point
-        plot(
+        plot_curves(
             table,
             REPO / args.figure if not args.figure.is_absolute() else args.figure,
             title="SmolLM2-135M, cls-45: validation over training (mean +- SE over tasks)",

@@ -27,27 +27,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_methods import TUNE, _run, prepare
+from abmll_tune.benchmarking import (
+    STD_SOFTABS_E20,
+    TUNE,
+    logged_values,
+    prepare_embedded,
+    run_logged,
+)
+from abmll_tune.metrics import mean_and_se
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (100, 13, 21)
-# the std the tiny configs shipped before this benchmark: softabs, c = e^-20 (v1)
-E20 = ["model.std_param=softabs", "model.sigma_floor=2.061153622438558e-09",
-       "model.sigma_floor_w0_fraction=null"]  # fmt: skip
 # name -> (recipe, config, overrides); every ABMLL row is the tiny config with these changes
 CANDIDATES = {
     "reptile": ("reptile_single_device", "tiny_cpu_reptile", []),
-    "abmll_softabs_c_e-20": ("abmll_meta_single_device", "tiny_cpu_abmll", E20),
+    "abmll_softabs_c_e-20": ("abmll_meta_single_device", "tiny_cpu_abmll", STD_SOFTABS_E20),
     "abmll_softabs_c_e-20_beta0": (
         "abmll_meta_single_device",
         "tiny_cpu_abmll",
-        [*E20, "method.beta=0"],
+        [*STD_SOFTABS_E20, "method.beta=0"],
     ),  # fmt: skip
 }
 for _fraction in (0.03, 0.1, 0.3):
@@ -98,14 +101,18 @@ def one(name: str, suite: str, out: Path, common: list[str]) -> Path:
         "validation.adapt_steps=0", "save_every_n_visits=null", "overwrite_output_dir=true",
         *common, *overrides,
     ]  # fmt: skip
-    _run([TUNE, "run", f"recipes/{recipe}", "--config", f"configs/{config}.yaml", *training], log)
+    run_logged(
+        [TUNE, "run", f"recipes/{recipe}", "--config", f"configs/{config}.yaml", *training],
+        log,
+        REPO,
+    )
     seeds = ",".join(map(str, SEEDS))
     evaluation = [
         f"output_dir={run / 'eval'}", f"adapter_checkpoint={run / 'checkpoints' / 'best'}",
         "~method", f"evaluation.seeds=[{seeds}]", *VALIDATION, *common,
     ]  # fmt: skip
-    _run([TUNE, "run", "recipes/evaluate_few_shot", "--config", "configs/tiny_cpu_eval.yaml",
-          *evaluation], log)  # fmt: skip
+    run_logged([TUNE, "run", "recipes/evaluate_few_shot", "--config", "configs/tiny_cpu_eval.yaml",
+          *evaluation], log, REPO)  # fmt: skip
     return run
 
 
@@ -126,18 +133,9 @@ def unit_accuracy(run: Path) -> dict[tuple[str, int], float]:
 
 
 def pull(run: Path) -> float | None:
-    import re
-
-    text = "".join(p.read_text() for p in sorted((run / "logs").glob("*.txt")))
-    found = re.findall(r"kl_pull/share:(\S+)", text)
-    return float(found[0]) if found else None
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else float("nan")
-    return mean, math.sqrt(var / n)
+    """The KL's share of the inner gradient at the run's first logged visit."""
+    found = logged_values(run, "kl_pull/share")
+    return found[0] if found else None
 
 
 def main() -> None:
@@ -149,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     out = args.out.resolve()
-    common = prepare(out, args.pretrain_steps)
+    common = prepare_embedded(out, args.pretrain_steps)
     suites = {"embedded": common, "planted": planted(out, common)}
     report: dict = {"date": time.strftime("%Y-%m-%d"), "seeds": SEEDS, "suites": {}}
     lines = ["# Few-shot accuracy of untrained adapters (epoch 0), validation tasks", ""]
@@ -161,8 +159,8 @@ def main() -> None:
                   "|---|---|---|---|"]  # fmt: skip
         for name, acc in units.items():
             keys = sorted(acc)
-            m, se = mean_se([acc[k] for k in keys])
-            d, dse = mean_se([acc[k] - ref[k] for k in keys])
+            m, se = mean_and_se([acc[k] for k in keys])
+            d, dse = mean_and_se([acc[k] - ref[k] for k in keys])
             share = pull(out / suite / name)
             rows[name] = {"accuracy": m, "se": se, "diff_vs_reptile": d, "diff_se": dse,
                           "kl_pull_share": share, "units": len(keys)}  # fmt: skip

@@ -17,38 +17,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from abmll_tune.benchmarking import (
+    EB_OVERRIDES,
+    STD_SOFTABS_E20,
+    TUNE,
+    add_run_arguments,
+    logged_values,
+    prepare_embedded,
+    run_all,
+    run_logged,
+)
+
 REPO = Path(__file__).resolve().parents[1]
-TUNE = shutil.which("tune", path=str(Path(sys.executable).parent)) or "tune"
 SUPPORT_SEEDS = (100, 13, 21)
-
-# ABMLL with the empirical-Bayes outer step (docs/method.md "Fitting the prior"): the
-# settings the planted benchmark measured
-EB_OVERRIDES = [
-    "method.outer_grad=marginal_likelihood",
-    "model.std_scale_row=true",
-    "model.std_b_init_std=0.0",
-    "method.outer_lr_mean=0.01",
-    "method.outer_lr_std=0.03",
-    "method.prior_data=query",
-    "method.prior_samples=64",
-    "method.gamma=0.0",
-]
-
-# softabs with c = e^-20: the std the configs used before the KL-scale benchmark
-E20 = [
-    "model.std_param=softabs",
-    "model.sigma_floor=2.061153622438558e-09",
-    "model.sigma_floor_w0_fraction=null",
-]
 
 # name -> (training config, overrides); None for the pretrained backbone alone
 METHODS: dict[str, tuple[str, list[str]] | None] = {
@@ -61,24 +49,16 @@ METHODS: dict[str, tuple[str, list[str]] | None] = {
     "abmll_kl_only": ("tiny_cpu_abmll", ["method.outer_grad=kl_only"]),
     "abmll_eb": ("tiny_cpu_abmll", EB_OVERRIDES),
     # the std every tiny config used before 2026-12-06, and softabs at today's c
-    "abmll_softabs_c_e-20": ("tiny_cpu_abmll", E20),
+    "abmll_softabs_c_e-20": ("tiny_cpu_abmll", STD_SOFTABS_E20),
     "abmll_softabs_c_0.1rms": ("tiny_cpu_abmll", ["model.std_param=softabs"]),
     # the paper's values (v1): its std (softabs, c = e^-20, B_std = 0), beta and gamma
     "abmll_paper_values": (
         "tiny_cpu_abmll",
-        [*E20, "model.std_b_init_std=0.0", "method.beta=5e-10", "method.gamma=1e-6"],
+        [*STD_SOFTABS_E20, "model.std_b_init_std=0.0", "method.beta=5e-10", "method.gamma=1e-6"],
     ),
     "reptile_metaicl": ("tiny_cpu_reptile_metaicl", []),
     "abmll_metaicl": ("tiny_cpu_abmll_metaicl", []),
 }
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TIKTOKEN_CACHE_DIR": "", "OMP_NUM_THREADS": "1"}
-    with open(log, "a") as f:
-        f.write("+ " + " ".join(cmd) + "\n")
-        f.flush()
-        subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
 
 
 def one_run(name: str, seed_index: int, out: Path, common: list[str], epochs: int) -> Path:
@@ -91,7 +71,7 @@ def one_run(name: str, seed_index: int, out: Path, common: list[str], epochs: in
     spec = METHODS[name]
 
     def evaluate(method: str, checkpoint: str) -> None:
-        _run(
+        run_logged(
             [
                 TUNE, "run", "recipes/evaluate_few_shot", "--config", "configs/tiny_cpu_eval.yaml",
                 f"method={method}", f"adapter_checkpoint={checkpoint}",
@@ -99,6 +79,7 @@ def one_run(name: str, seed_index: int, out: Path, common: list[str], epochs: in
                 f"output_dir={run / 'eval'}", *common,
             ],
             log,
+            REPO,
         )  # fmt: skip
 
     if spec is None:
@@ -125,71 +106,13 @@ def one_run(name: str, seed_index: int, out: Path, common: list[str], epochs: in
         training.append("resume_from_checkpoint=true")
     else:
         training.append("overwrite_output_dir=true")
-    _run([TUNE, "run", f"recipes/{recipe}", "--config", f"configs/{config}.yaml", *training], log)
+    run_logged(
+        [TUNE, "run", f"recipes/{recipe}", "--config", f"configs/{config}.yaml", *training],
+        log,
+        REPO,
+    )
     evaluate(method, str(run / "checkpoints" / "best"))
     return results
-
-
-def prepare(out: Path, pretrain_steps: int) -> list[str]:
-    data = out / "data"
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": ""}
-    if not (data / "embedded" / "manifest.json").is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "abmll_tune.embedded.suite",
-                "--out",
-                str(data / "embedded_src"),
-            ],
-            check=True,
-            env=env,
-        )
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "abmll_tune.data",
-                "build",
-                "--quiet",
-                "--split",
-                "embedded",
-                "--source",
-                str(data / "embedded_src"),
-                "--out",
-                str(data / "embedded"),
-            ],
-            check=True,
-            env=env,
-        )
-    backbone = out / "backbone"
-    if not (backbone / "model.safetensors").is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "abmll_tune.embedded.backbone",
-                "--out",
-                str(backbone),
-                "--vocab-size",
-                "768",
-                "--max-seq-len",
-                "256",
-                "--pretrain-steps",
-                str(pretrain_steps),
-                "--tokenizer-dir",
-                str(data / "embedded_src" / "tokenizer"),
-            ],
-            check=True,
-            env=env,
-        )
-    tok = data / "embedded_src" / "tokenizer"
-    return [
-        f"tokenizer.path={tok / 'tokenizer.model'}",
-        f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",
-        f"checkpointer.checkpoint_dir={backbone}",
-        f"data.path={data / 'embedded'}",
-    ]
 
 
 def summarize(out: Path, names: list[str], n_seeds: int) -> dict:
@@ -214,22 +137,13 @@ def summarize(out: Path, names: list[str], n_seeds: int) -> dict:
             table[label]["per_seed_accuracy"] = [
                 next(iter(r["metrics"][key]["macro"].values()))["accuracy"] for r in rows
             ]
-        sigma = [last_logged(out / f"{name}_seed{i}", "sigma_theta/mean") for i in range(n_seeds)]
-        if all(v is not None for v in sigma):  # the global std at the end of training
+        sigma = [logged_values(out / f"{name}_seed{i}", "sigma_theta/mean") for i in range(n_seeds)]
+        if all(sigma):  # the global std at the end of training
+            sigma = [v[-1] for v in sigma]
             m, se = mean_and_se(sigma)
             table[name]["sigma_theta_mean_last"] = {"mean": m, "se": se}
         table.setdefault("_chance", {"accuracy": rows[0]["chance_accuracy"]})
     return table
-
-
-def last_logged(run: Path, key: str) -> float | None:
-    """The last value of ``key`` in a run's metric logs (None when never logged)."""
-    found = None
-    for log in sorted((run / "logs").glob("*.txt")):
-        for item in log.read_text().split():
-            if item.startswith(key + ":"):
-                found = float(item.split(":", 1)[1])
-    return found
 
 
 def paired_against(table: dict, reference: str, names: list[str]) -> dict:
@@ -244,25 +158,6 @@ def paired_against(table: dict, reference: str, names: list[str]) -> dict:
             d = [a - b for a, b in zip(table[name]["per_seed_accuracy"], ref, strict=True)]
             out[f"{name} - {reference}"] = dict(zip(("mean", "se"), mean_and_se(d), strict=True))
     return out
-
-
-def add_run_arguments(parser: argparse.ArgumentParser, *, seeds: int) -> None:
-    """The options every training sweep over the embedded suite takes (this script's and
-    ``calibration_sweep.py``'s)."""
-    parser.add_argument("--seeds", type=int, default=seeds)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--pretrain-steps", type=int, default=1500)
-    parser.add_argument("--workers", type=int, default=2)
-
-
-def run_all(run_one, names: list[str], args: argparse.Namespace, out: Path, common: list[str]):
-    """``run_one(name, seed, out, common, epochs)`` for every name and seed, ``--workers``
-    at a time (single-thread workers side by side double the throughput here)."""
-    jobs = [(n, seed) for n in names for seed in range(args.seeds)]
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(run_one, n, seed, out, common, args.epochs) for n, seed in jobs]
-        for future in futures:
-            future.result()
 
 
 def main() -> None:
@@ -283,7 +178,7 @@ def main() -> None:
         parser.error(f"--paired-against {args.paired_against}: not among --methods {names}")
     out = args.out.resolve()
     start = time.perf_counter()
-    common = prepare(out, args.pretrain_steps)
+    common = prepare_embedded(out, args.pretrain_steps)
     run_all(one_run, names, args, out, common)
     table = summarize(out, names, args.seeds)
     chance = table.pop("_chance")["accuracy"]

@@ -48,8 +48,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from bench_methods import EB_OVERRIDES, TUNE, _run, prepare
-from planted_eval import ADAPTATION, PROTOCOLS
+
+from abmll_tune.benchmarking import EB_OVERRIDES, TUNE, prepare_embedded, run_logged
+from abmll_tune.benchmarking import PLANTED_ADAPTATION as ADAPTATION
+from abmll_tune.benchmarking import PLANTED_PROTOCOLS as PROTOCOLS
 
 REPO = Path(__file__).resolve().parents[1]
 SUPPORT_SEEDS = (100, 13, 21, 42, 87)  # MetaICL's five support seeds
@@ -65,7 +67,7 @@ METHODS = {
 # visit per task (40 x 5 inner steps): LoRA is capped at 1 epoch, 4000 steps, still more
 # than the 1600 inner steps of a meta-learner's 8 epochs
 MAX_EPOCHS = {"lora": 1}
-# the recipe's validation adapts as the K = 16 test does (planted_eval.PROTOCOLS["K16"])
+# the recipe's validation adapts as the K = 16 test does (PLANTED_PROTOCOLS["K16"])
 VALIDATION = ["validation.adapt_steps=8", "validation.adapt_batch_size=2",
               "validation.seeds=[100]", "validation.max_tasks=null",
               f"validation.adapt_optimizer={ADAPTATION['optimizer']}",
@@ -92,7 +94,7 @@ def train(run: Path, method: str, seed: int, data: Path, common, args) -> Path:
         cmd.append("resume_from_checkpoint=true")
     else:
         cmd.append("overwrite_output_dir=true")
-    _run(cmd, run / "bench.log")
+    run_logged(cmd, run / "bench.log", REPO)
     (run / "done").write_text("")
     return run
 
@@ -113,7 +115,7 @@ def evaluate(result: Path, family: Path, data: dict, tokenizer: Path, *, checkpo
         cmd += ["--select-zero-step", str(select)]
     if zero_step_samples is not None:
         cmd += ["--zero-step-samples", str(zero_step_samples)]
-    _run(cmd, result.with_suffix(".log"))
+    run_logged(cmd, result.with_suffix(".log"), REPO)
     return result
 
 
@@ -202,27 +204,14 @@ def run_spread(spread: float, args, out: Path, common: list[str], pool) -> dict:
 METRICS = ("accuracy", "ece", "nll", "brier", "excess_nll", "kl_from_prior")
 
 
-def scores(probs: np.ndarray, gold: np.ndarray, oracle: np.ndarray, prior: np.ndarray) -> dict:
-    """Metrics against the sampled labels; exactly, without label noise: the excess NLL
-    E_x KL(oracle || method) and the function-space distance to the truth before
-    adaptation, E_x KL(prior predictive || method)."""
-    from abmll_tune.metrics import all_metrics
-
-    m = all_metrics(probs, gold)
-    m["excess_nll"] = _kl(oracle, probs)
-    m["kl_from_prior"] = _kl(prior, probs)
-    return m
-
-
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
-    return float(np.nansum(terms, axis=1).mean())
-
-
 def score_spread(result: dict) -> dict:
-    from abmll_tune.embedded.planted import jackknife, read_oracle, read_prior_draws
-    from abmll_tune.metrics import all_metrics, mean_and_se, pad_probs
+    from abmll_tune.embedded.planted import (
+        jackknife,
+        planted_scores,
+        read_oracle,
+        read_prior_draws,
+    )
+    from abmll_tune.metrics import all_metrics, mean_and_se, mean_categorical_kl, pad_probs
 
     oracle = read_oracle(result["family"])
     loaded = {key: json.loads(path.read_text()) for key, path in result["results"].items()}
@@ -236,20 +225,20 @@ def score_spread(result: dict) -> dict:
     }
     # the stored draws are padded to 4 options; the family's questions may have fewer
     draws = read_prior_draws(result["family"], ids)[:, : refs["oracle"].shape[1]]
-    references = {name: scores(p, gold, refs["oracle"], refs["prior_predictive"])
+    references = {name: planted_scores(p, gold, refs["oracle"], refs["prior_predictive"])
                   for name, p in refs.items()}  # fmt: skip
     mc = {}
     for metric in ("accuracy", "ece", "nll"):
         _, se = jackknife(draws, lambda p, m=metric: all_metrics(p, gold)[m])
         mc[metric] = se
-    _, mc["excess_nll"] = jackknife(draws, lambda p: _kl(refs["oracle"], p))
+    _, mc["excess_nll"] = jackknife(draws, lambda p: mean_categorical_kl(refs["oracle"], p))
     references["prior_predictive"]["mc_se"] = mc
     references["prior_predictive"]["draws"] = int(draws.shape[-1])
     # the Monte Carlo noise floor of KL(pp || model): E KL between two independent J-draw
     # estimates of the same predictive, which is about half that between two J/2-draw halves
     half = draws.shape[-1] // 2
     halves = [draws[..., :half].mean(-1), draws[..., half : 2 * half].mean(-1)]
-    references["prior_predictive"]["kl_noise_floor"] = 0.5 * _kl(*halves)
+    references["prior_predictive"]["kl_noise_floor"] = 0.5 * mean_categorical_kl(*halves)
 
     per_seed: dict = {}  # protocol -> label -> list of per-seed metric dicts
     pooled: dict = {}  # protocol -> label -> (probs, gold) over seeds, for reliability
@@ -266,7 +255,7 @@ def score_spread(result: dict) -> dict:
                 assert [r["id"] for r in recs] == ids, "every run scores every test question"
                 assert all(r["gold"] == g for r, g in zip(recs, gold, strict=True)), "gold"
                 probs = pad_probs([r["probs"] for r in recs])
-                m = scores(probs, gold, refs["oracle"], refs["prior_predictive"])
+                m = planted_scores(probs, gold, refs["oracle"], refs["prior_predictive"])
                 per_seed.setdefault(protocol, {}).setdefault(label, []).append(m)
                 pooled.setdefault(protocol, {}).setdefault(label, []).append(probs)
     # the Bayes posterior predictive after each support set: the reference an adapted
@@ -281,7 +270,7 @@ def score_spread(result: dict) -> dict:
         for support_seed in seeds_used:
             probs, values = bayes_predictive(result["family"], ids, draws, k, support_seed)
             probs = probs[:, : refs["oracle"].shape[1]]  # draws are padded to 4 options
-            m = scores(probs, gold, refs["oracle"], refs["prior_predictive"])
+            m = planted_scores(probs, gold, refs["oracle"], refs["prior_predictive"])
             per_seed[protocol].setdefault("bayes", []).append(m)
             pooled[protocol].setdefault("bayes", []).append(probs)
             ess.setdefault(protocol, []).extend(values)
@@ -754,7 +743,7 @@ def main() -> None:
     # data and backbone come from each family (its backbone is the sharpened source backbone)
     common = [
         c
-        for c in prepare(out, args.pretrain_steps)
+        for c in prepare_embedded(out, args.pretrain_steps)
         if not c.startswith(("data.path=", "checkpointer.checkpoint_dir="))
     ]
     report = {

@@ -7,7 +7,7 @@ preparation and runner), but every variant is judged on the validation tasks alo
 recipe validates after every epoch (epoch 0 included) with 1 posterior sample and the
 posterior mean (10 samples are measured on the test tasks by ``bench_methods.py``), and the sweep reads, per run, the epoch of best validation
 accuracy and its ECE. The test tasks are never touched here; the chosen setting then
-goes through the test protocol as ``abmll_calibrated`` in ``bench_methods.py``.
+goes through the test protocol as a row of ``bench_methods.py``'s ``METHODS``.
 
 Knobs (docs/method.md and the benchmark issue): the std learning rates, the
 initial sigma (``std_b_init_std``), the Gamma hyperprior's mode (``a0`` > 1), beta, the
@@ -22,7 +22,9 @@ import json
 import time
 from pathlib import Path
 
-from bench_methods import REPO, TUNE, _run, add_run_arguments, prepare, run_all
+from abmll_tune.benchmarking import TUNE, add_run_arguments, prepare_embedded, run_all, run_logged
+
+REPO = Path(__file__).resolve().parents[1]
 
 # name -> overrides of configs/tiny_cpu_abmll.yaml
 VARIANTS: dict[str, list[str]] = {
@@ -71,7 +73,7 @@ def one_run(name: str, seed: int, out: Path, common: list[str], epochs: int) -> 
         "save_every_n_visits=null",
         "keep_epoch_checkpoints=false", "overwrite_output_dir=true", *common, *VARIANTS[name],
     ]  # fmt: skip
-    _run(cmd, run / "bench.log")
+    run_logged(cmd, run / "bench.log", REPO)
     (run / "done").write_text("")
     return history
 
@@ -123,7 +125,7 @@ def main() -> None:
     out = args.out.resolve()
     start = time.perf_counter()
     # the method benchmark's data and backbone, so the chosen setting transfers unchanged
-    common = prepare(REPO / "bench_results" / "methods", args.pretrain_steps)
+    common = prepare_embedded(REPO / "bench_results" / "methods", args.pretrain_steps)
     names = args.variants.split(",")
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:

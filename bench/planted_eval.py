@@ -26,11 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# protocol -> (support K, adaptation steps, batch size): each support example seen once or so
-PROTOCOLS = {"K0": (5, 0, 1), "K1": (1, 1, 1), "K5": (5, 5, 1), "K16": (16, 8, 2)}
-# how every method adapts (bench_planted's validation too): chosen on the truth model
-# (docs/method.md "The planted benchmark"); each a command-line option
-ADAPTATION = {"optimizer": "adamw", "beta": None, "lr_mean": 1e-2, "lr_std": 1e-3}
+from abmll_tune.benchmarking import PLANTED_ADAPTATION as ADAPTATION  # each an option here
+from abmll_tune.benchmarking import PLANTED_PROTOCOLS as PROTOCOLS
+
 STEPS: dict[str, int] = {}  # protocol -> adaptation steps, replacing PROTOCOLS' (support repeated)
 SAMPLES = 10  # ABMLL: posterior predictive of 10 samples
 

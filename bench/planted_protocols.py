@@ -67,8 +67,7 @@ def run(root: Path, out: Path, model: str, candidate: str, seeds: str) -> Path:
 
 def summarize(path: Path, oracle: dict) -> dict:
     """K -> {excess_nll, accuracy: [mean, se]} over the support seeds."""
-    from bench_planted import scores
-
+    from abmll_tune.embedded.planted import planted_scores as scores
     from abmll_tune.metrics import mean_and_se, pad_probs
 
     result = json.loads(path.read_text())

@@ -150,7 +150,7 @@ def test_all_reduce_is_the_identity_on_one_process():
 
 
 def _single_process_recipe(method: str, overrides, extra, out: Path):
-    from recipes.abmll_meta_single_device import MetaLearningRecipeSingleDevice
+    from abmll_tune.recipes.abmll_meta_single_device import MetaLearningRecipeSingleDevice
 
     cfg = OmegaConf.load(REPO / CONFIG[method])
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([*overrides, *QUICK, *extra]))

@@ -3,15 +3,20 @@ exact gradient of the Monte Carlo log marginal likelihood, and a Gaussian toy wh
 optimal prior is known in closed form (docs/method.md "Fitting the prior")."""
 
 import math
-from typing import ClassVar
 
 import pytest
 import torch
-from torch import nn
 
 from abmll_tune.data.loader import TaskVisit
+from abmll_tune.embedded.gaussian_toy import (
+    D,
+    Toy,
+    ToyABMLL,
+    sigma_after_training,
+    toy_batch,
+    toy_nll,
+)
 from abmll_tune.meta import MetaLearner
-from abmll_tune.methods import ABMLL
 from abmll_tune.methods.abmll import marginal_likelihood_backward
 from abmll_tune.modules import (
     AdapterMode,
@@ -19,46 +24,8 @@ from abmll_tune.modules import (
     adapter_mode,
     adapter_sampling,
     set_trainable_scope,
-    sigma_summary,
 )
 from abmll_tune.modules.gaussian import draw_seed
-
-D = 2  # the toy's weight is D x D: every entry observed once per query batch
-NOISE = 0.5  # observation noise of the toy's regression
-
-
-class Toy(nn.Module):
-    """y = W x for one-hot x: an example observes one column of the adapted weight."""
-
-    def __init__(self, sigma_floor: float = 0.1):
-        super().__init__()
-        self.layer = VariationalLoRALinear(
-            D, D, rank=D, alpha=D, std_param="exp", sigma_floor=sigma_floor, std_scale_row=True
-        )
-        with torch.no_grad():
-            self.layer.weight.zero_()
-
-    def forward(self, tokens):
-        return self.layer(nn.functional.one_hot(tokens, D).float())
-
-
-class ToyABMLL(ABMLL):
-    """ABMLL with the toy's Gaussian likelihood in place of the answer NLL."""
-
-    name: ClassVar[str] = ""  # not registered: the real "abmll" stays ABMLL
-
-    def sample_nll(self, model, batch, loss_fn):
-        return 0.5 * ((model(batch["tokens"]) - batch["y"]) ** 2).sum(-1).mean() / NOISE**2
-
-
-def toy_nll(model, batch):
-    return ToyABMLL.sample_nll(None, model, batch, None)
-
-
-def toy_batch(weight, generator):
-    columns = torch.randperm(D, generator=generator)
-    y = weight[:, columns].T + NOISE * torch.randn(D, D, generator=generator)
-    return {"tokens": columns, "y": y}
 
 
 @pytest.mark.parametrize("skip_light_draws", [False, True])
@@ -109,45 +76,10 @@ def test_gradient_is_that_of_the_monte_carlo_log_marginal_likelihood(skip_light_
     assert model.layer.sampling == "local"  # restored after the weight-space draws
 
 
-def sigma_after_training(outer_grad: str, spread: float, visits: int, seed: int = 0) -> float:
-    """RMS sigma_theta / sigma* over the second half of ``visits`` task visits of a toy
-    family W_i = mu* + sigma* E_i, one query batch of D noisy columns per visit."""
-    g = torch.Generator().manual_seed(seed)
-    mu_star = torch.randn(D, D, generator=g)
-    torch.manual_seed(seed)
-    model = Toy()
-    method = ToyABMLL(
-        outer_grad=outer_grad,
-        inner_lr_mean=0.05,
-        inner_lr_std=0.01,
-        outer_lr_mean=0.05,
-        outer_lr_std=0.05,
-        outer_step_mean=0.1,
-        outer_step_std=0.1,
-        beta=1e-3,
-        gamma=0.0,
-        prior_mu_var=1.0,
-        prior_samples=32,
-        prior_data="query",  # one observation of each entry per visit (the default)
-    )
-    adamw = lambda groups: torch.optim.AdamW(groups, weight_decay=0.0)  # noqa: E731
-    learner = MetaLearner(model, method, adamw, adamw, inner_steps=2)
-    squares = []
-    for visit in range(visits):
-        weight = mu_star + spread * torch.randn(D, D, generator=g)
-        batches = [toy_batch(weight, g) for _ in range(learner.batches_per_task)]
-        learner.train_task(TaskVisit(0, visit, "toy", batches))
-        if visit >= visits // 2:
-            squares.append(sigma_summary(model)["mean"] ** 2)
-    return math.sqrt(sum(squares) / len(squares)) / spread
-
-
 # The closed-form optimum: each query entry is y = W0 + mu + (sigma* e + noise), so the
 # marginal likelihood over tasks is maximized at mu = mu*, sigma = sigma* (the model is
-# exactly right). Measured 2026-12-06 on this CPU (600 visits, RMS over the second half,
-# sigma_theta / sigma* at spreads 0.5 and 1): marginal_likelihood 0.93 and 0.95; the
-# paper's readings reptile 2.14 and 1.19, kl_only 2.31 and 1.26, first_order 0.14 and
-# 0.09: their sigma_theta grows at most 1.1x when sigma* doubles.
+# exactly right. The measured ratios: docs/results/outer_grad_toy.json
+# (bench/bench_outer_grad_toy.py).
 @pytest.mark.parametrize("spread", [0.5, 1.0])
 def test_marginal_likelihood_reading_finds_the_true_prior_std(spread):
     ratio = sigma_after_training("marginal_likelihood", spread, visits=600)

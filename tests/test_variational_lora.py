@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from helpers import REPO
+from torch import nn
 from torchtune.modules.peft import (
     LoRALinear,
     disable_adapter,
@@ -332,3 +334,102 @@ def test_sigma_summary_matches_dense_sigma():
     assert summary["min"] == pytest.approx(flat.min().item()) and summary["max"] == pytest.approx(
         flat.max().item()
     )
+
+
+class _Syncs:
+    """Counts the tensor -> Python conversions (each one a host sync on a GPU)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def _three_layer_model(chunk_elements=64):
+    model = nn.ModuleDict(
+        {
+            name: make_layer(d_in, d_out, dtype=torch.float32, std_param="exp",
+                             sigma_floor=0.05, chunk_elements=chunk_elements)
+            for name, (d_in, d_out) in {"q": (16, 32), "v": (16, 8), "o": (32, 48)}.items()
+        }
+    )  # fmt: skip
+    for name, layer in model.items():
+        layer.layer_name = name
+    return model
+
+
+@pytest.mark.parametrize("term", ["kl", "prior"])
+def test_a_whole_model_kl_or_prior_syncs_with_the_host_once(monkeypatch, term):
+    # what costs on a GPU: every layer's term and its closed-form gradients are checked
+    # finite on the device and read back once for the model (chunks of 4 rows here: 21
+    # chunks over three layers, each term with its own gradient check)
+    from abmll_tune.modules import kl_local_global, neg_log_prior_global
+
+    model = _three_layer_model()
+    syncs = _Syncs(monkeypatch)
+    if term == "kl":
+        value = kl_local_global(model)
+    else:
+        value = neg_log_prior_global(model, prior_mu_var=1.0)
+    assert syncs.count == 1
+    value.backward()
+    assert syncs.count == 1  # the gradients were checked in the forward
+    monkeypatch.undo()
+    assert torch.isfinite(value)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "std" in n and
+               ("global" in n or term == "kl"))  # fmt: skip
+
+
+def test_a_deferred_check_still_names_the_failing_layer_and_rows():
+    from abmll_tune.modules import kl_local_global
+
+    model = _three_layer_model()
+    with torch.no_grad():  # exp(s B A) overflows in rows 8.. of layer "o"'s local std
+        model["o"].lora_local_std_b.weight[8:].fill_(1e4)
+    with pytest.raises(FloatingPointError, match=r"kl of layer 'o' is not finite .* rows 8:"):
+        kl_local_global(model)
+
+
+def test_auto_chunks_make_an_8b_kl_one_compiled_call_per_layer_on_cuda():
+    # what costs on a GPU, counted here: the 8B config's adapted layers (built on the meta
+    # device), the KL's chunks with chunk_elements: auto on each device type
+    import math
+
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    from abmll_tune.modules.gaussian import (
+        DEFAULT_CHUNK_ELEMENTS,
+        FUSED_CHUNK_FACTOR,
+        chunk_rows_for,
+        resolve_chunk_elements,
+    )
+
+    cfg = OmegaConf.load(REPO / "configs" / "llama3_8b_cls45.yaml")
+    with torch.device("meta"):
+        model = config.instantiate(cfg.model)
+    layers = [m for m in model.modules() if isinstance(m, VariationalLoRALinear)]
+    assert len(layers) == 96 and all(m.chunk_elements == "auto" for m in layers)
+
+    def calls(device, factor):
+        elements = resolve_chunk_elements("auto", device)
+        return sum(math.ceil(m.out_dim / (chunk_rows_for(m.in_dim, elements) * factor))
+                   for m in layers)  # fmt: skip
+
+    assert resolve_chunk_elements("auto", "cpu") == DEFAULT_CHUNK_ELEMENTS
+    assert (calls("cpu", 1), calls("cpu", FUSED_CHUNK_FACTOR)) == (4608, 1152)
+    assert calls("cuda", FUSED_CHUNK_FACTOR) == len(layers)  # one compiled call per layer
+    assert calls("cuda", 1) <= 2 * len(layers)
+    assert layers[0].chunk_rows() == chunk_rows_for(layers[0].in_dim, DEFAULT_CHUNK_ELEMENTS)
+
+
+@pytest.mark.parametrize("bad", [0, -4, 1.5, "big", True])
+def test_chunk_elements_refuses_what_is_not_a_positive_integer_or_auto(bad):
+    with pytest.raises(ValueError, match="chunk_elements must be a positive integer or 'auto'"):
+        VariationalLoRALinear(8, 8, rank=2, alpha=4, chunk_elements=bad)

@@ -425,6 +425,20 @@ def splits_yaml(family: PlantedFamily) -> str:
     return "\n".join(lines) + "\n"
 
 
+def planted_scores(
+    probs: np.ndarray, gold: np.ndarray, oracle: np.ndarray, prior: np.ndarray
+) -> dict:
+    """Metrics against the sampled labels; exactly, without label noise: the excess NLL
+    E_x KL(oracle || method) and the function-space distance to the truth before
+    adaptation, E_x KL(prior predictive || method)."""
+    from abmll_tune.metrics import all_metrics, mean_categorical_kl
+
+    m = all_metrics(probs, gold)
+    m["excess_nll"] = mean_categorical_kl(oracle, probs)
+    m["kl_from_prior"] = mean_categorical_kl(prior, probs)
+    return m
+
+
 def read_oracle(directory: str | Path) -> dict[str, dict]:
     """The family's ``oracle.jsonl`` by example id."""
     rows = (json.loads(line) for line in Path(directory, "oracle.jsonl").read_text().splitlines())

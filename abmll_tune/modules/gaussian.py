@@ -35,7 +35,8 @@ storing it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,29 @@ from torch import Tensor
 # Elements of one dense float64 chunk (2 MiB, cache-sized; measured fastest on CPU): bounds the transient memory of KL,
 # prior, dense variance and weight-space noise, whatever the layer size.
 DEFAULT_CHUNK_ELEMENTS = 2**18
+
+
+# ``chunk_elements: auto`` per device type: cache-sized on the CPU; on a GPU, where each
+# chunk costs kernel launches, 2**23 (64 MiB in float64): an 8B q_proj (4096 x 4096) is
+# two eager chunks and one compiled call, its output layer 16 compiled calls.
+CHUNK_ELEMENTS_BY_DEVICE = {"cpu": DEFAULT_CHUNK_ELEMENTS, "cuda": 2**23}
+
+
+def resolve_chunk_elements(chunk_elements: int | str, device: torch.device | str) -> int:
+    """``chunk_elements`` as a number: ``auto`` picks the device type's
+    (:data:`CHUNK_ELEMENTS_BY_DEVICE`, the CPU's for any other device)."""
+    if chunk_elements == "auto":
+        kind = torch.device(device).type
+        return CHUNK_ELEMENTS_BY_DEVICE.get(kind, DEFAULT_CHUNK_ELEMENTS)
+    if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int):
+        raise ValueError(
+            f"chunk_elements must be a positive integer or 'auto', got {chunk_elements!r}"
+        )
+    if chunk_elements < 1:
+        raise ValueError(
+            f"chunk_elements must be a positive integer or 'auto', got {chunk_elements}"
+        )
+    return chunk_elements
 
 
 def chunk_rows_for(in_dim: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
@@ -404,19 +428,60 @@ class ChunkedTerm:
     fused_fn: Callable[..., tuple[Tensor, list]] | None = None
 
 
+# Finiteness checks: each term (and its closed-form gradients) yields a 0-dim boolean on
+# the device; inside :func:`deferred_finite_checks` they wait and are read with one host
+# sync at its end (a GPU otherwise waits for its queue once per layer and term).
+_PENDING: list[tuple[Tensor, Callable[[], None]]] | None = None
+
+
+@contextmanager
+def deferred_finite_checks() -> Iterator[None]:
+    """Check every KL / prior term computed inside the block with one host sync at its
+    end, raising as the immediate check would (naming the first failing layer and rows).
+    Nested blocks defer to the outermost; an exception inside skips the checks."""
+    global _PENDING
+    if _PENDING is not None:
+        yield
+        return
+    _PENDING = []
+    try:
+        yield
+        pending = _PENDING
+    finally:
+        _PENDING = None
+    if pending and not host_all([flag for flag, _ in pending]):
+        for flag, fail in pending:
+            if not bool(flag):
+                fail()
+
+
+def host_all(flags: list[Tensor]) -> bool:
+    """All of ``flags`` (0-dim booleans on one device) true: the one host sync."""
+    return bool(torch.stack(flags).all())
+
+
+def _require_finite(flag: Tensor, fail: Callable[[], None]) -> None:
+    """Raise through ``fail`` unless ``flag``: now, or at the end of a deferred block."""
+    if _PENDING is not None:
+        _PENDING.append((flag, fail))
+    elif not host_all([flag]):
+        fail()
+
+
 def _check_finite_parts(
     term: ChunkedTerm, total: Tensor, parts: list[tuple[Tensor, slice]]
 ) -> None:
-    """One host sync per term (not one per chunk, which binds a GPU to its launches);
-    on failure, name the first chunk that is not finite."""
-    if bool(torch.isfinite(total)):
-        return
-    part, rows = next(((p, r) for p, r in parts if not bool(torch.isfinite(p))), parts[-1])
-    raise FloatingPointError(
-        f"{term.name} of layer {term.layer!r} is not finite ({part.item()}) "
-        f"in rows {rows.start}:{rows.stop}. Check sigma_floor, the std "
-        "learning rate and std_grad_clamp; NaNs are never zeroed silently."
-    )
+    """Require the term's total finite; on failure, name the first chunk that is not."""
+
+    def fail() -> None:
+        part, rows = next(((p, r) for p, r in parts if not bool(torch.isfinite(p))), parts[-1])
+        raise FloatingPointError(
+            f"{term.name} of layer {term.layer!r} is not finite ({part.item()}) "
+            f"in rows {rows.start}:{rows.stop}. Check sigma_floor, the std "
+            "learning rate and std_grad_clamp; NaNs are never zeroed silently."
+        )
+
+    _require_finite(torch.isfinite(total.detach()), fail)
 
 
 def _eager_chunks(term: ChunkedTerm, cats, need_prod, grad_a, grad_b) -> Tensor:
@@ -525,12 +590,16 @@ class _RowChunkedSum(torch.autograd.Function):
                     if need_factor[idx]:
                         grads[idx] = g if grads[idx] is None else grads[idx] + g
                 offset_a, offset_b = offset_a + r_a, offset_b + r_b
-        for g in grads:
-            if g is not None and not bool(torch.isfinite(g).all()):
+        present = [g for g in grads if g is not None]
+        if present:
+
+            def fail() -> None:
                 raise FloatingPointError(
                     f"gradient of {term.name} of layer {term.layer!r} is not finite. "
                     "Check sigma_floor, the std learning rate and std_grad_clamp."
                 )
+
+            _require_finite(torch.stack([g.isfinite().all() for g in present]).all(), fail)
         ctx.factor_dtypes = [f.dtype for f in factors]
         ctx.has_grad = [g is not None for g in grads]
         ctx.save_for_backward(*[g for g in grads if g is not None])

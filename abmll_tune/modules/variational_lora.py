@@ -118,8 +118,10 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             marginal_likelihood`` (docs/method.md "Fitting the prior"); use it with an
             optimizer without weight decay (AdamW decays a weight whose gradient is zero).
             Default False.
-        chunk_elements (int): elements of one dense chunk in KL, prior and dense
-            sampling (bounds their transient memory). Default 2**18.
+        chunk_elements (int | str): elements of one dense chunk in KL, prior and dense
+            sampling (bounds their transient memory), or ``auto`` (default): 2**18 on
+            the CPU (cache-sized), 2**23 on CUDA (a few calls per layer; the launches
+            and syncs of small chunks would bind a GPU).
         kl_dtype (str): precision of the dense KL and prior work: ``float64`` (default,
             docs/method.md) or ``float32`` (about half the time of that memory-bound
             work; sums still accumulate in float64; gradients agree to float32 precision,
@@ -148,7 +150,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         variational: bool = True,
         std_b_init_std: float = 0.0,
         std_scale_row: bool = False,
-        chunk_elements: int = gaussian.DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: int | str = "auto",
         kl_dtype: str = "float64",
         kl_kernel: str = "auto",
         **quantization_kwargs,
@@ -188,6 +190,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         self.variational = variational
         self.std_b_init_std = float(std_b_init_std)
         self.std_scale_row = bool(std_scale_row)
+        gaussian.resolve_chunk_elements(chunk_elements, "cpu")  # refuse a bad value now
         self.chunk_elements = chunk_elements
         self.kl_dtype = kl_dtype
         self._quantize_base = quantize_base
@@ -373,7 +376,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
                 scale=self.scale,
                 floor=self.sigma_floor,
                 std_param=self.std_param,
-                chunk_rows=gaussian.chunk_rows_for(self.in_dim, self.chunk_elements),
+                chunk_rows=self.chunk_rows(),
             )
         return out
 
@@ -391,7 +394,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             floor=self.sigma_floor,
             std_param=self.std_param,
             layer=self.layer_name,
-            chunk_rows=gaussian.chunk_rows_for(self.in_dim, self.chunk_elements),
+            chunk_rows=self.chunk_rows(),
             dtype=KL_DTYPES[self.kl_dtype],
             kernel=self.kl_kernel,
         )
@@ -422,7 +425,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
             a0=a0,
             b0=b0,
             layer=self.layer_name,
-            chunk_rows=gaussian.chunk_rows_for(self.in_dim, self.chunk_elements),
+            chunk_rows=self.chunk_rows(),
             dtype=KL_DTYPES[self.kl_dtype],
             kernel=self.kl_kernel,
         )
@@ -455,6 +458,11 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
         """Whether W0's variance is fixed (:meth:`pin_pretrained_weight_variance`)."""
         return self._weight_var_pinned is not None
 
+    def chunk_rows(self) -> int:
+        """Rows of this layer per dense chunk, on the device its weight lives on."""
+        elements = gaussian.resolve_chunk_elements(self.chunk_elements, self.weight.device)
+        return gaussian.chunk_rows_for(self.in_dim, elements)
+
     def pretrained_weight_variance(self) -> float:
         """Population variance of the frozen W0 (float64, row-chunked, cached per weight version)."""
         if self._weight_var_pinned is not None:
@@ -478,7 +486,7 @@ class VariationalLoRALinear(nn.Module, AdapterModule):
                 f"{self.layer_name}: weight of shape {tuple(w.shape)}, expected "
                 f"{(self.out_dim, self.in_dim)}"
             )
-        rows = gaussian.chunk_rows_for(self.in_dim, self.chunk_elements)
+        rows = self.chunk_rows()
         total = torch.zeros((), dtype=torch.float64, device=w.device)
         total_sq = torch.zeros((), dtype=torch.float64, device=w.device)
         for start in range(0, w.shape[0], rows):
@@ -613,8 +621,10 @@ def reset_local_from_global(model: nn.Module) -> None:
 
 
 def kl_local_global(model: nn.Module) -> Tensor:
-    """Sum of KL(q(phi|D_i) || p(phi|theta)) over all variational layers (float64)."""
-    return torch.stack([m.kl_local_global() for m in _layers_or_raise(model).values()]).sum()
+    """Sum of KL(q(phi|D_i) || p(phi|theta)) over all variational layers (float64),
+    checked finite with one host sync for the whole model."""
+    with gaussian.deferred_finite_checks():
+        return torch.stack([m.kl_local_global() for m in _layers_or_raise(model).values()]).sum()
 
 
 def neg_log_prior_global(
@@ -623,9 +633,11 @@ def neg_log_prior_global(
     a0: float = 1.0,
     b0: float = 0.01,
 ) -> Tensor:
-    """Sum of -log p(theta) over all variational layers (float64)."""
+    """Sum of -log p(theta) over all variational layers (float64), checked finite with
+    one host sync for the whole model."""
     layers = _layers_or_raise(model).values()
-    return torch.stack([m.neg_log_prior_global(prior_mu_var, a0, b0) for m in layers]).sum()
+    with gaussian.deferred_finite_checks():
+        return torch.stack([m.neg_log_prior_global(prior_mu_var, a0, b0) for m in layers]).sum()
 
 
 def adapter_params_by_group(
@@ -675,24 +687,27 @@ def set_trainable_scope(model: nn.Module, scope: str | None) -> None:
 def sigma_summary(model: nn.Module, scope: str = "global") -> dict[str, float]:
     """Mean, min and max of sigma over every weight entry of every variational layer
     (``scope`` global: sigma_theta), row-chunked; for logging how far sigma moved from c."""
-    total, count = 0.0, 0
-    low, high = float("inf"), 0.0
+    sums, lows, highs, count = [], [], [], 0  # on the device; read back once
     for layer in _layers_or_raise(model).values():
         if not layer.variational:
             continue
         a, b = layer.pair(scope, "std")
-        rows = gaussian.chunk_rows_for(layer.in_dim, layer.chunk_elements)
+        rows = layer.chunk_rows()
         for start in range(0, b.shape[0], rows):
             sigma = gaussian.std_dense(
                 layer.scale * (b[start : start + rows].double() @ a.double()),
                 layer.sigma_floor,
                 layer.std_param,
             )
-            total += float(sigma.sum())
+            sums.append(sigma.sum())
+            lows.append(sigma.min())
+            highs.append(sigma.max())
             count += sigma.numel()
-            low, high = min(low, float(sigma.min())), max(high, float(sigma.max()))
     if count == 0:
         raise ValueError("the model has no std pairs (variational=False)")
+    total, low, high = torch.stack(
+        [torch.stack(sums).sum(), torch.stack(lows).min(), torch.stack(highs).max()]
+    ).tolist()
     return {"mean": total / count, "min": low, "max": high}
 
 
@@ -710,7 +725,7 @@ def pinned_share(layer: VariationalLoRALinear, beta: float, scope: str = "global
     if not layer.variational:
         raise ValueError("pinned_share needs the std pairs (variational=True)")
     a, b = layer.pair(scope, "std")
-    rows = gaussian.chunk_rows_for(layer.in_dim, layer.chunk_elements)
+    rows = layer.chunk_rows()
     pinned = 0
     for start in range(0, b.shape[0], rows):
         m = layer.scale * (b[start : start + rows].double() @ a.double())

@@ -3,13 +3,13 @@ rank 1 raises at its second task visit while rank 0 waits in the outer step's al
 
 import sys
 
+from abmll_tune.recipes.abmll_meta_distributed import MetaLearningRecipeDistributed
+from abmll_tune.recipes.abmll_meta_single_device import run
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 from torchtune import config
 
 from abmll_tune.meta import MetaLearner
-from recipes.abmll_meta_distributed import MetaLearningRecipeDistributed
-from recipes.abmll_meta_single_device import run
 
 _train_task = MetaLearner.train_task
 
