@@ -59,7 +59,7 @@ def results_tables(name: str, results_dir: Path = RESULTS_DIR) -> str:
     renderers["planted_protocols"] = planted_protocols_table
     # benchmarks that store their own tables with their summary
     stored = ("cost", "distributed", "answer_logits", "kl_scale", "untrained_std_smollm2")
-    renderers.update({k: summary_tables for k in (*stored, "outer_grad_toy")})
+    renderers.update({k: summary_tables for k in (*stored, "outer_grad_toy", "kl_precision")})
     if name not in renderers:
         raise KeyError(f"a marker names unknown results {name!r}")
     path = results_dir / f"{name}.json"
