@@ -145,6 +145,9 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES))
     parser.add_argument("--results", type=Path, help="also write the summary here (committed)")
     args = parser.parse_args()
+    unknown = [c for c in args.candidates if c not in CANDIDATES]
+    if unknown or "reptile" not in args.candidates:
+        parser.error(f"--candidates: reptile (the reference) and any of {list(CANDIDATES)}")
     start = time.perf_counter()
     out = args.out.resolve()
     common = prepare_embedded(out, args.pretrain_steps)
@@ -189,6 +192,8 @@ def main() -> None:
         header = ["std", "embedded", "- Reptile", "planted 0.5", "- Reptile"]
         header += ["KL pull share (embedded / planted)"]
         command = "python bench/bench_kl_scale.py --pretrain-steps " + str(args.pretrain_steps)
+        if args.candidates != list(CANDIDATES):
+            command += " --candidates " + " ".join(args.candidates)
         summary = {
             **results_provenance(command),
             "seeds": list(SEEDS),
