@@ -319,12 +319,20 @@ def benchmark_table(summary: dict) -> str:
     def cell(value: dict | None, digits: int = 3) -> str:
         return "" if value is None else f"{value['mean']:.{digits}f} +- {value['se']:.{digits}f}"
 
+    with_pull = any("kl_pull_share_range" in m for m in methods.values())
+
+    def pull(m: dict) -> str:
+        low_high = m.get("kl_pull_share_range")
+        return "" if low_high is None else "{:.2g} - {:.2g}".format(*low_high)
+
     rows = [
         [name, *(cell(m[k]) for k in ("accuracy", "ece", "nll"))]
         + ([cell(m.get("sigma_theta_mean_last"), 4)] if with_sigma else [])
+        + ([pull(m)] if with_pull else [])
         for name, m in methods.items()
     ]
     header = ["method", "accuracy", "ECE", "NLL"] + (["sigma_theta (end)"] if with_sigma else [])
+    header += ["KL pull share over training"] if with_pull else []
     markdown, _ = _table(header, rows)
     if summary.get("paired_accuracy"):
         paired, _ = _table(

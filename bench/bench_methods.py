@@ -138,6 +138,9 @@ def summarize(out: Path, names: list[str], n_seeds: int) -> dict:
                 next(iter(r["metrics"][key]["macro"].values()))["accuracy"] for r in rows
             ]
         sigma = [logged_values(out / f"{name}_seed{i}", "sigma_theta/mean") for i in range(n_seeds)]
+        pulls = [logged_values(out / f"{name}_seed{i}", "kl_pull/share") for i in range(n_seeds)]
+        if all(pulls):  # the KL's share of the inner gradient over training, every seed
+            table[name]["kl_pull_share_range"] = [min(map(min, pulls)), max(map(max, pulls))]
         if all(sigma):  # the global std at the end of training
             sigma = [v[-1] for v in sigma]
             m, se = mean_and_se(sigma)
