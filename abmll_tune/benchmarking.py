@@ -73,7 +73,8 @@ def _module(args: list[str], env: dict) -> None:
 def prepare_embedded(out: Path, pretrain_steps: int) -> list[str]:
     """Build the embedded suite under ``out/data`` and pre-train the tiny backbone in
     ``out/backbone`` for ``pretrain_steps`` language-model steps (each skipped when
-    already there); return the overrides that point a tiny config at both."""
+    already there; a backbone recorded with other steps stops the run); return the
+    overrides that point a tiny config at both."""
     data, backbone = out / "data", out / "backbone"
     tok = data / "embedded_src" / "tokenizer"
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": ""}
@@ -84,6 +85,13 @@ def prepare_embedded(out: Path, pretrain_steps: int) -> list[str]:
              "--source", str(data / "embedded_src"), "--out", str(data / "embedded")],
             env,
         )  # fmt: skip
+    # a backbone pre-trained for another number of steps must not be reused silently
+    steps_file = backbone / "pretrain_steps.txt"
+    if steps_file.is_file() and int(steps_file.read_text()) != pretrain_steps:
+        raise SystemExit(
+            f"{backbone} was pre-trained for {steps_file.read_text().strip()} steps, not "
+            f"{pretrain_steps}: give this run another --out"
+        )
     if not (backbone / "model.safetensors").is_file():
         _module(
             ["abmll_tune.embedded.backbone", "--out", str(backbone), "--vocab-size", "768",
@@ -91,6 +99,7 @@ def prepare_embedded(out: Path, pretrain_steps: int) -> list[str]:
              "--tokenizer-dir", str(tok)],
             env,
         )  # fmt: skip
+        steps_file.write_text(f"{pretrain_steps}\n")
     return [
         f"tokenizer.path={tok / 'tokenizer.model'}",
         f"tokenizer.special_tokens_path={tok / 'special_tokens.json'}",

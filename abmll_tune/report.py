@@ -316,8 +316,10 @@ def benchmark_table(summary: dict) -> str:
     methods = {name: m for name, m in summary["methods"].items() if "[" not in name}
     with_sigma = any("sigma_theta_mean_last" in m for m in methods.values())
 
-    def cell(value: dict | None, digits: int = 3) -> str:
-        return "" if value is None else f"{value['mean']:.{digits}f} +- {value['se']:.{digits}f}"
+    def cell(value: dict | None, form: str = ".3f") -> str:
+        return (
+            "" if value is None else f"{value['mean']:{form}} +- {value['se']:{form.lstrip('+')}}"
+        )
 
     with_pull = any("kl_pull_share_range" in m for m in methods.values())
 
@@ -327,7 +329,7 @@ def benchmark_table(summary: dict) -> str:
 
     rows = [
         [name, *(cell(m[k]) for k in ("accuracy", "ece", "nll"))]
-        + ([cell(m.get("sigma_theta_mean_last"), 4)] if with_sigma else [])
+        + ([cell(m.get("sigma_theta_mean_last"), ".2g")] if with_sigma else [])
         + ([pull(m)] if with_pull else [])
         for name, m in methods.items()
     ]
@@ -337,7 +339,7 @@ def benchmark_table(summary: dict) -> str:
     if summary.get("paired_accuracy"):
         paired, _ = _table(
             ["paired by training seed", "accuracy"],
-            [[label, cell(d)] for label, d in summary["paired_accuracy"].items()],
+            [[label, cell(d, "+.3f")] for label, d in summary["paired_accuracy"].items()],
         )
         markdown += "\n" + paired
     return (

@@ -13,6 +13,11 @@ tasks (support seed 100, the validation's 5 steps of 2). Writes the validation a
 and NLL against gradient steps (one training seed per method: mean +- SE over the
 validation tasks), plus a figure. Sized for about an hour on 2 CPU cores; runs go one at
 a time (two threads each) and a finished run is skipped when the command is repeated.
+
+``--steps 0`` validates the untrained adapters only (the run stops after one visit,
+whose diagnostics log the KL's pull) and stores a table of them with the summary; with
+``--methods reptile,abmll,abmll_softabs_c_e-20`` it compares the configs' std with the
+previous one on the real model (docs/method.md, "A std of the right scale").
 """
 
 from __future__ import annotations

@@ -70,3 +70,18 @@ def test_logged_values_read_what_the_disk_logger_wrote(tmp_path):
     assert d["sigma_theta/mean"] == {"first": 0.01, "last": 0.015, "min": 0.01, "max": 0.02, "n": 3}
     assert d["kl_pull/share"]["n"] == 2
     assert logged_diagnostics(tmp_path, keys=("absent",)) == {}
+
+
+def test_a_backbone_pretrained_for_other_steps_is_not_reused(tmp_path):
+    from abmll_tune.benchmarking import prepare_embedded
+
+    (tmp_path / "data" / "embedded").mkdir(parents=True)
+    (tmp_path / "data" / "embedded" / "manifest.json").write_text("{}")
+    backbone = tmp_path / "backbone"
+    backbone.mkdir()
+    (backbone / "model.safetensors").write_bytes(b"")
+    (backbone / "pretrain_steps.txt").write_text("600\n")
+    overrides = prepare_embedded(tmp_path, 600)  # the same steps: reused as it is
+    assert f"checkpointer.checkpoint_dir={backbone}" in overrides
+    with pytest.raises(SystemExit, match="pre-trained for 600 steps, not 200"):
+        prepare_embedded(tmp_path, 200)
