@@ -59,6 +59,8 @@ bench: install
 	$(BIN)/python bench/bench_methods.py --out bench_results/methods --methods abmll,abmll_eb --seeds 3 --workers 1 --results docs/results/methods_eb.json
 	$(BIN)/python bench/bench_outer_grad_toy.py --results docs/results/outer_grad_toy.json
 	$(BIN)/python bench/bench_kl_precision.py --results docs/results/kl_precision.json
+	$(MAKE) data backbone
+	$(BIN)/python scripts/kill_trials.py --trials 10 --results docs/results/kill_trials.json
 	$(BIN)/python bench/bench_epochs.py --out bench_results/epochs --results docs/results/epochs.json
 	$(BIN)/python bench/bench_planted.py --out bench_results/planted --spreads 1,2 --seeds 5 --results docs/results/planted.json
 	$(BIN)/python bench/planted_protocols.py --root bench_results/planted/spread1 --results docs/results/planted_protocols.json

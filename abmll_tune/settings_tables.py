@@ -59,7 +59,7 @@ def results_tables(name: str, results_dir: Path = RESULTS_DIR) -> str:
     renderers["planted_protocols"] = planted_protocols_table
     # benchmarks that store their own tables with their summary
     stored = ("cost", "distributed", "answer_logits", "kl_scale", "kl_scale_weak_backbone")
-    stored += ("untrained_std_smollm2",)
+    stored += ("untrained_std_smollm2", "kill_trials")
     renderers.update({k: summary_tables for k in (*stored, "outer_grad_toy", "kl_precision")})
     if name not in renderers:
         raise KeyError(f"a marker names unknown results {name!r}")

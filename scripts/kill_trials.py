@@ -75,6 +75,7 @@ def main() -> int:
     parser.add_argument(
         "--max-delay", type=float, default=None, help="seconds (default: the run's length)"
     )
+    parser.add_argument("--results", help="also write the summary here (committed)")
     args = parser.parse_args()
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)
@@ -143,6 +144,36 @@ def main() -> int:
     }
     (root / "summary.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
     print(json.dumps(summary))
+    if args.results:
+        from abmll_tune.io import atomic_write_json
+        from abmll_tune.report import results_provenance
+
+        command = f"python scripts/kill_trials.py --trials {args.trials} --seed {args.seed}"
+        if args.max_delay is not None:
+            command += f" --max-delay {args.max_delay}"
+        labels = {
+            "identical": "ended with the uninterrupted run's adapters, best and validation",
+            "kills": "kills (SIGKILL at random moments)",
+            "kills_inside_writes": "kills inside a checkpoint write",
+            "kills_leaving_no_latest": "of those, kills that left no latest/",
+            "stale_left": "trials with temporaries left at the end",
+            "resume_failures": "resume failures",
+        }
+        atomic_write_json(
+            args.results,
+            {
+                **results_provenance(command),
+                **summary,
+                "tables": [
+                    {
+                        "title": f"{len(rows)} trials of a tiny ABMLL run (2 epochs, a "
+                        "checkpoint every visit)",
+                        "header": ["", "count"],
+                        "rows": [[text, str(summary[key])] for key, text in labels.items()],
+                    }
+                ],
+            },
+        )
     return 0 if identical == len(rows) else 1
 
 
