@@ -79,3 +79,17 @@ def test_the_table_generator_checks_every_page_as_documented():
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_results_file_has_its_provenance_and_a_page_that_shows_it():
+    import json
+
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    text = "".join(p.read_text() for p in pages)
+    files = sorted((REPO / "docs" / "results").glob("*.json"))
+    assert len(files) >= 10
+    for path in files:
+        summary = json.loads(path.read_text())
+        missing = [k for k in ("date", "commit", "command", "machine") if not summary.get(k)]
+        assert not missing, f"{path.name} lacks {missing}"
+        assert f"<!-- results: {path.stem} -->" in text, f"no page renders {path.name}"
