@@ -12,7 +12,8 @@
   step), :data:`PLANTED_PROTOCOLS` and :data:`PLANTED_ADAPTATION` (the planted
   benchmark's test protocols);
 * :func:`logged_values` and :func:`logged_diagnostics`: metrics read back from a run's
-  logs; :func:`plot_curves`: validation curves against gradient steps.
+  logs; :func:`plot_curves`: validation curves against gradient steps;
+  :func:`write_results`: the committed summary a ``--results`` option asks for.
 """
 
 from __future__ import annotations
@@ -126,6 +127,15 @@ def run_all(
         futures = [pool.submit(run_one, n, seed, out, common, args.epochs) for n, seed in jobs]
         for future in futures:
             future.result()
+
+
+def write_results(path: str | Path | None, report: dict) -> None:
+    """Write a benchmark's committed summary (``--results``) atomically, when asked."""
+    if path:
+        from abmll_tune.io import atomic_write_json
+
+        atomic_write_json(path, report)
+        print(f"wrote {path}")
 
 
 def logged_values(run: Path, key: str) -> list[float]:

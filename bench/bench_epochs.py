@@ -25,7 +25,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from abmll_tune.benchmarking import TUNE, plot_curves, prepare_embedded, run_logged
+from abmll_tune.benchmarking import (
+    TUNE,
+    plot_curves,
+    prepare_embedded,
+    run_logged,
+    write_results,
+)
 from abmll_tune.metrics import mean_and_se
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,11 +146,7 @@ def main() -> None:
         title="Embedded suite: validation over a data epoch (mean +- SE over seeds)",
         marker=200,  # one `tasks` epoch of a meta-learner
     )
-    if args.results:
-        from abmll_tune.io import atomic_write_json
-
-        atomic_write_json(args.results, report)
-        print(f"wrote {args.results}")
+    write_results(args.results, report)
 
 
 if __name__ == "__main__":

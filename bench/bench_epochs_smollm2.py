@@ -35,6 +35,7 @@ from abmll_tune.benchmarking import (
     logged_diagnostics,
     plot_curves,
     run_logged,
+    write_results,
 )
 from abmll_tune.metrics import mean_and_se
 
@@ -254,11 +255,7 @@ def main() -> None:
             title="SmolLM2-135M, cls-45: validation over training (mean +- SE over tasks)",
             marker=None,
         )
-    if args.results:
-        from abmll_tune.io import atomic_write_json
-
-        atomic_write_json(args.results, report)
-        print(f"wrote {args.results}")
+    write_results(args.results, report)
 
 
 if __name__ == "__main__":

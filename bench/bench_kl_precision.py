@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from abmll_tune.benchmarking import write_results
+
 # (label, std form, c, B std of the std pairs)
 ROWS = [
     ("previous std: softabs, c = e^-20", "softabs", math.exp(-20), (1e-3, 2e-2, 1e-1)),
@@ -89,11 +91,7 @@ def main() -> None:
             }
         ],
     }
-    if args.results:
-        from abmll_tune.io import atomic_write_json
-
-        atomic_write_json(args.results, report)
-        print(f"wrote {args.results}")
+    write_results(args.results, report)
 
 
 if __name__ == "__main__":

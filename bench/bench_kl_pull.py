@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from abmll_tune.io import atomic_write_json
+from abmll_tune.benchmarking import write_results
 from abmll_tune.methods.abmll import kl_pull_after_one_step
 from abmll_tune.models.one_layer import one_layer_model
 from abmll_tune.report import results_provenance
@@ -93,9 +93,7 @@ def main() -> None:
         "share of the inner gradient norm and of the coordinates",
         "rows": rows,
     }
-    if args.results:
-        atomic_write_json(args.results, report)
-        print(f"wrote {args.results}")
+    write_results(args.results, report)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from abmll_tune.benchmarking import write_results
+
 READINGS = ("marginal_likelihood", "reptile", "kl_only", "first_order")
 
 
@@ -72,11 +74,7 @@ def main() -> None:
             }
         ],
     }
-    if args.results:
-        from abmll_tune.io import atomic_write_json
-
-        atomic_write_json(args.results, report)
-        print(f"wrote {args.results}")
+    write_results(args.results, report)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,15 @@ def test_a_backbone_pretrained_for_other_steps_is_not_reused(tmp_path):
     assert f"checkpointer.checkpoint_dir={backbone}" in overrides
     with pytest.raises(SystemExit, match="pre-trained for 600 steps, not 200"):
         prepare_embedded(tmp_path, 200)
+
+
+def test_write_results_writes_only_when_asked(tmp_path, capsys):
+    import json
+
+    from abmll_tune.benchmarking import write_results
+
+    write_results(None, {"a": 1})
+    assert capsys.readouterr().out == "" and not list(tmp_path.iterdir())
+    write_results(tmp_path / "r.json", {"a": 1})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+    assert "wrote" in capsys.readouterr().out
